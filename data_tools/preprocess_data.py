@@ -24,8 +24,10 @@ def parse_args(argv=None):
                    help=".txt (one document per file) and/or .jsonl (one document per line) files")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
     p.add_argument("--output-prefix", required=True, help="dataset path prefix (no suffix)")
-    p.add_argument("--text-key", default="text", help="jsonl field holding the text (default: text)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores, max 8)")
+    p.add_argument("--text-key", default="text",
+                   help="jsonl field holding the text (default: text)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: cores, at most 8)")
     p.add_argument("--no-eod", action="store_true", help="do not append eod after each document")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)

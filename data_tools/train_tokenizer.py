@@ -1,7 +1,8 @@
 """Train a SentencePiece tokenizer (byte fallback, identity normalization) on .txt/.jsonl files.
 
 Example:
-    python data_tools/train_tokenizer.py --input corpus.jsonl --model-prefix out/tok --vocab-size 8192
+    python data_tools/train_tokenizer.py --input corpus.jsonl --model-prefix out/tok \\
+        --vocab-size 8192
 """
 
 import argparse
@@ -20,7 +21,8 @@ def parse_args(argv=None):
                    help=".txt (one document per file) and/or .jsonl (one document per line) files")
     p.add_argument("--model-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
     p.add_argument("--vocab-size", type=int, required=True, help="number of pieces (>= 300)")
-    p.add_argument("--text-key", default="text", help="jsonl field holding the text (default: text)")
+    p.add_argument("--text-key", default="text",
+                   help="jsonl field holding the text (default: text)")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--max-sentence-length", type=int, default=4192,
                    help="max training line length in bytes; longer lines are cut")

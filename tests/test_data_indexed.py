@@ -111,6 +111,9 @@ def test_bad_arguments(tmp_path, tok):
         build_indexed_dataset([corpus], tok, str(tmp_path / "ds"), workers=-1)
     with pytest.raises(ValueError, match="does not exist"):
         build_indexed_dataset([corpus], str(tmp_path / "none.model"), str(tmp_path / "ds"))
+    empty = write_jsonl(str(tmp_path / "e.jsonl"), ["", ""])
+    with pytest.raises(ValueError, match="no non-empty documents"):
+        build_indexed_dataset([empty], tok, str(tmp_path / "ds"), workers=1, show_progress=False)
     with pytest.raises(ValueError, match="no indexed dataset"):
         indexed_dataset_stats(str(tmp_path / "ds"))
 

@@ -133,7 +133,7 @@ def build_gpt_datasets(
         tokenizer: :class:`S2Tokenizer` or the path of its ``.model``; provides eod/pad and the
             cache identity.
         num_train_samples: samples the train dataset must provide (epochs are repeated as needed).
-        num_valid_samples: samples of the valid dataset (0: built as one epoch if its share > 0).
+        num_valid_samples: samples the valid dataset must provide (0: no valid dataset).
         cache_dir: where megatron-core caches its index arrays (``.npy``); default
             ``<dir of first prefix>/index_cache``. Safe to share between runs: names are hashes of
             the full dataset description.
@@ -143,15 +143,19 @@ def build_gpt_datasets(
 
     Returns:
         ``(train_ds, valid_ds)``: megatron-core ``GPTDataset`` (one prefix) or ``BlendedDataset``;
-        ``len(train_ds) >= num_train_samples``. ``valid_ds`` is None when the valid share is 0.
+        ``len(train_ds) >= num_train_samples`` (a single prefix gives whole epochs, a blend
+        exactly the requested count). ``valid_ds`` is None when the valid share or
+        ``num_valid_samples`` is 0.
         Items are dicts of 1-D tensors ``tokens``, ``labels`` (int64), ``loss_mask`` (float32),
         ``position_ids`` (int64), each of length ``seq_len`` (plus ``dataset_id`` for blends).
 
     Raises:
         ValueError: bad blend, split, sizes or an empty split (message names the value).
 
-    Without an initialized ``torch.distributed`` group, the build runs inside a temporary
-    1-process gloo group (megatron-core's blending requires ``get_rank()``).
+    With ``torch.distributed`` initialized, every rank must call this (megatron-core builds on
+    rank 0, then the other ranks load the cached indices, so ``cache_dir`` must be visible to
+    all ranks). Without a group, the build runs inside a temporary 1-process gloo group
+    (megatron-core's blending requires ``get_rank()``).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -198,6 +202,6 @@ def build_gpt_datasets(
         train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, sizes, is_built_on_rank or (lambda: True), config
         ).build()
-    if vector[1] == 0:
+    if vector[1] == 0 or num_valid_samples == 0:
         valid_ds = None
     return train_ds, valid_ds

@@ -19,7 +19,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from s2megatron.data.progress import Progress
-from s2megatron.data.textio import PathLike, iter_documents, normalize_input_paths, total_input_bytes
+from s2megatron.data.textio import (
+    PathLike,
+    iter_documents,
+    normalize_input_paths,
+    total_input_bytes,
+)
 from s2megatron.data.tokenizer import S2Tokenizer
 
 # Largest vocabulary stored as uint16; above it tokens are int32 (as the task and Megatron agree).
@@ -104,7 +109,8 @@ def build_indexed_dataset(
         65500 pieces, else int32.
 
     Raises:
-        ValueError: bad input paths, tokenizer model, or ``workers``/``docs_per_task``.
+        ValueError: bad input paths, tokenizer model, ``workers``/``docs_per_task``, or no
+            non-empty document in the inputs.
         Any error while reading/tokenizing is re-raised after the temporary files are removed.
     """
     from megatron.core.datasets.indexed_dataset import (
@@ -145,12 +151,15 @@ def build_indexed_dataset(
         else:
             _init_worker(model_path)
             results = (_encode_chunk(c, append_eod, dtype) for c in chunks)
-        skipped = 0
+        num_docs = skipped = 0
         for arrays, num_bytes, num_skipped in results:
             for arr in arrays:
                 builder.add_document(arr, [arr.size])
+            num_docs += len(arrays)
             skipped += num_skipped
             progress.update(len(arrays), sum(a.size for a in arrays), num_bytes)
+        if num_docs == 0:
+            raise ValueError(f"no non-empty documents in {paths} (text_key={text_key!r})")
         builder.finalize(get_idx_path(tmp_prefix))
         if pool is not None:
             pool.close()

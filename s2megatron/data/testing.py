@@ -38,10 +38,11 @@ def make_documents(num_docs: int, seed: int = 0, words_per_doc: int = 80) -> Lis
 def make_digit_documents(num_docs: int, seed: int = 0, groups_per_doc: int = 60) -> List[str]:
     """Documents made only of digit groups and spaces (tokenize to digit/space pieces only)."""
     rng = random.Random(seed)
-    return [
-        " ".join(str(rng.randint(0, 99999)) for _ in range(max(3, groups_per_doc + rng.randint(-10, 10))))
-        for _ in range(num_docs)
-    ]
+    docs = []
+    for _ in range(num_docs):
+        n = max(3, groups_per_doc + rng.randint(-10, 10))
+        docs.append(" ".join(str(rng.randint(0, 99999)) for _ in range(n)))
+    return docs
 
 
 def write_jsonl(path: str, texts: Sequence[str], text_key: str = "text") -> str:

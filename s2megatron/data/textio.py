@@ -76,11 +76,13 @@ def iter_documents(
                     record = json.loads(raw)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
-                text = record.get(text_key) if isinstance(record, dict) else None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object per line")
+                text = record.get(text_key)
                 if not isinstance(text, str):
                     raise ValueError(
                         f"{path}:{line_no}: field {text_key!r} missing or not a string; "
-                        f"keys present: {sorted(record) if isinstance(record, dict) else type(record)}"
+                        f"keys present: {sorted(record)}"
                     )
                 yield text, len(raw)
 

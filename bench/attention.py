@@ -1,0 +1,310 @@
+"""Attention benchmark on one GPU: Triton S2 kernels vs SDPA-flash (FA2), SDPA-cuDNN and FlexAttention (same mask).
+
+Shapes: batch 1, 32 heads, head dim 128, bf16, causal; S2 layout L16V16 at block 64 (head sliding, offset 1).
+Times are medians of ``triton.testing.do_bench`` in ms; baselines run in the same process, on the same card.
+
+    python bench/attention.py [--out DIR] [--quick] [--sweep-configs] [--skip-baselines]
+
+Writes ``attention_<card>.md`` (tables), ``attention_<card>.json`` (raw numbers) and ``attention_<card>.png`` (if
+matplotlib is installed) under ``--out`` (default ``$OUT`` or ``bench/results``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from s2megatron.ops.triton_s2 import config as tile_cfg  # noqa: E402
+from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
+from s2megatron.sparsity import S2Layout, build_metadata, get_metadata  # noqa: E402
+
+B, H, D = 1, 32, 128
+DT = torch.bfloat16
+RESULTS: dict = {"rows": [], "dense": [], "block_sweep": [], "gqa": [], "metadata": [], "configs": [], "profile": {}}
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def rand(*shape, requires_grad=True):
+    return torch.randn(*shape, device="cuda", dtype=DT).requires_grad_(requires_grad)
+
+
+def density(layout: S2Layout, n: int, heads: int = H) -> float:
+    """Kept fraction of the causal blocks."""
+    nb = math.ceil(n / layout.block_size)
+    kept = get_metadata(layout, heads, n, device="cuda").kept_blocks()
+    return kept / (heads * nb * (nb + 1) / 2)
+
+
+def ours(layout, n, hq=H, hkv=H, bwd=True):
+    q, k, v = rand(B, n, hq, D), rand(B, n, hkv, D), rand(B, n, hkv, D)
+    do = torch.randn_like(q)
+    sm = 1.0 / math.sqrt(D)
+    f = lambda: triton_s2_attention(q, k, v, layout, sm_scale=sm)  # noqa: E731
+    f()
+    res = {"fwd_ms": bench_ms(f)}
+    if bwd:
+        res["fwdbwd_ms"] = bench_ms(lambda: torch.autograd.grad(f(), (q, k, v), do))
+    del q, k, v, do
+    return res
+
+
+def causal_flops(n):
+    return 4 * B * H * n * n * D / 2
+
+
+def s2_mask_mod(layout: S2Layout):
+    bs, L, V = layout.block_size, layout.local_blocks, layout.vert_stride
+    step = layout.step(H)
+    off = layout.sliding_offset
+
+    def mask(b, h, q_idx, kv_idx):
+        qb, kb = q_idx // bs, kv_idx // bs
+        return (q_idx >= kv_idx) & (((qb - kb) < L) | (((kb + h * step + off) % V) == 0))
+    return mask
+
+
+def baselines(n, layout, flex):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+    q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=DT, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    res = {}
+    for name, be in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(be):
+                f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+                res[f"{name}_fwd_ms"] = bench_ms(f)
+                res[f"{name}_fwdbwd_ms"] = bench_ms(lambda: torch.autograd.grad(f(), (q, k, v), do))
+        except Exception as e:  # noqa: BLE001 - a missing backend is reported, not fatal
+            res[name] = f"ERR {str(e)[:120]}"
+    try:
+        t0 = time.perf_counter()
+        bm = create_block_mask(s2_mask_mod(layout), None, H, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+        torch.cuda.synchronize()
+        res["flex_mask_build_ms"] = (time.perf_counter() - t0) * 1e3
+        f = lambda: flex(q, k, v, block_mask=bm)  # noqa: E731
+        f()
+        res["flex_fwd_ms"] = bench_ms(f)
+        res["flex_fwdbwd_ms"] = bench_ms(lambda: torch.autograd.grad(f(), (q, k, v), do))
+    except Exception as e:  # noqa: BLE001
+        res["flex"] = f"ERR {str(e)[:200]}"
+    del q, k, v, do
+    torch.cuda.empty_cache()
+    return res
+
+
+def check_vs_flex(layout, flex):
+    """Our output agrees with FlexAttention on the same mask (bf16, 8k)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    n = 8192
+    q, k, v = (torch.randn(B, n, H, D, device="cuda", dtype=DT) for _ in range(3))
+    out = triton_s2_attention(q, k, v, layout, sm_scale=1 / math.sqrt(D))
+    bm = create_block_mask(s2_mask_mod(layout), None, H, n, n, device="cuda", BLOCK_SIZE=128, _compile=True)
+    ref = flex(*(x.transpose(1, 2) for x in (q, k, v)), block_mask=bm).transpose(1, 2)
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def profile_split(layout, n):
+    """CUDA time per kernel of one forward + backward (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+    q, k, v = rand(B, n, H, D), rand(B, n, H, D), rand(B, n, H, D)
+    do = torch.randn_like(q)
+    f = lambda: torch.autograd.grad(triton_s2_attention(q, k, v, layout, sm_scale=0.088), (q, k, v), do)  # noqa: E731
+    f()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            f()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" or getattr(ev, "self_device_time_total", 0) > 0:
+            t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+            if t > 0:
+                out[ev.key[:60]] = round(t / 5 / 1e3, 4)  # ms per call
+    return out
+
+
+def sweep_configs(layout, n):
+    """Forward / backward time of alternative tile shapes (each kernel varied alone)."""
+    base = tile_cfg.tile_config
+    variants = [dict()]
+    variants += [dict(fwd_stages=4), dict(block_m=64, fwd_warps=4, dq_warps=4)]
+    variants += [dict(dq_block_n=bn, dq_warps=w, dq_stages=s) for bn, w, s in ((64, 8, 4), (32, 8, 3), (64, 4, 3))]
+    variants += [dict(dkdv_block_n=bn, dkdv_block_m=bm, dkdv_warps=w, dkdv_stages=s) for bn, bm, w, s in
+                 ((64, 32, 4, 3), (64, 16, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2))]
+    for over in variants:
+        tile_cfg.tile_config = (lambda bs, hd, mq, eb=2, _o=over: dataclasses.replace(base(bs, hd, mq, eb), **_o)
+                                if hd == D and bs == 64 else base(bs, hd, mq, eb))
+        try:
+            r = ours(layout, n)
+            r["bwd_ms"] = r["fwdbwd_ms"] - r["fwd_ms"]
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a tile shape
+            r = {"error": str(e)[:160]}
+        r["override"] = over
+        RESULTS["configs"].append(r)
+        log(f"config {over}: {r}")
+    tile_cfg.tile_config = base
+
+
+def metadata_times(layout):
+    for n in (131072, 1 << 20):
+        for dev in ("cpu", "cuda"):
+            reps = 1 if (dev == "cpu" and n > 131072) else 3
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                build_metadata(layout, H, n, device=dev, rows_per_tile=2)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            r = {"tokens": n, "device": dev, "ms": sorted(ts)[len(ts) // 2],
+                 "cpu_threads": torch.get_num_threads()}
+            RESULTS["metadata"].append(r)
+            log(f"metadata {r}")
+
+
+def write_outputs(out_dir, card):
+    tag = card.replace("NVIDIA ", "").replace(" ", "_")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"attention_{tag}.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    lines = [f"# S2 attention benchmark on {card}", "",
+             f"torch {torch.__version__}, triton {triton.__version__}; B={B}, H={H}, D={D}, bf16, causal; "
+             "L16V16 at block 64 (head sliding, offset 1); medians of triton.testing.do_bench, ms. "
+             "FlexAttention runs at its 128-token blocks with the same mask_mod.", "",
+             f"## L16V16, block 64 ({card})", "",
+             "| seq | density | ours fwd | ours fwd+bwd | FA2 fwd | FA2 fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | "
+             "Flex fwd | Flex fwd+bwd | Flex mask build |", "|" + "---|" * 11]
+    fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+    for r in RESULTS["rows"]:
+        lines.append("| " + " | ".join(fmt(r.get(c, "-")) for c in (
+            "seq", "density", "fwd_ms", "fwdbwd_ms", "fa2_fwd_ms", "fa2_fwdbwd_ms", "cudnn_fwd_ms",
+            "cudnn_fwdbwd_ms", "flex_fwd_ms", "flex_fwdbwd_ms", "flex_mask_build_ms")) + " |")
+    lines += ["", f"## Dense mode (vert_stride 1), TFLOP/s on causal FLOPs ({card})", "",
+              "| seq | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | bwd/fwd |", "|---|---|---|---|---|---|"]
+    for r in RESULTS["dense"]:
+        lines.append(f"| {r['seq']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['bwd_ms']:.3f} | "
+                     f"{r['bwd_tflops']:.0f} | {r['bwd_ms'] / r['fwd_ms']:.2f} |")
+    lines += ["", f"## Block-size sweep at equal token window (1024-token local window, stripe every 1024 tokens), "
+              f"seq 32k ({card})", "", "| block | layout | density | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
+    for r in RESULTS["block_sweep"]:
+        lines.append(f"| {r['block']} | {r['layout']} | {r['density']:.3f} | {r['fwd_ms']:.3f} | "
+                     f"{r['fwdbwd_ms']:.3f} |")
+    lines += ["", f"## GQA 32 query / 8 kv heads, L16V16 ({card})", "",
+              "| seq | ours GQA fwd | fwd+bwd | ours MHA fwd | fwd+bwd |", "|---|---|---|---|---|"]
+    for r in RESULTS["gqa"]:
+        lines.append(f"| {r['seq']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r.get('mha_fwd_ms', '-')} | "
+                     f"{r.get('mha_fwdbwd_ms', '-')} |")
+    lines += ["", f"## Metadata build (L16V16, 32 heads, block 64, rows_per_tile 2) ({card} host)", "",
+              "| tokens | device | ms |", "|---|---|---|"]
+    for r in RESULTS["metadata"]:
+        lines.append(f"| {r['tokens']} | {r['device']} ({r['cpu_threads']} CPU threads) | {r['ms']:.1f} |")
+    if RESULTS["profile"]:
+        lines += ["", f"## Kernel time split, one fwd+bwd at 32k ({card}), ms", "", "| kernel | ms |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(RESULTS["profile"].items(), key=lambda x: -x[1])]
+    if "flex_check_rel_err" in RESULTS:
+        lines += ["", f"Agreement with FlexAttention at 8k (bf16): max abs err / max abs = "
+                  f"{RESULTS['flex_check_rel_err']:.2e}."]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, kind in zip(axes, ("fwd_ms", "fwdbwd_ms")):
+            for name, pre in (("ours", ""), ("FA2", "fa2_"), ("cuDNN", "cudnn_"), ("Flex", "flex_")):
+                pts = [(r["seq"], r[pre + kind]) for r in RESULTS["rows"] if isinstance(r.get(pre + kind), float)]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("ms")
+            ax.set_title(kind.replace("_ms", "").replace("fwdbwd", "fwd+bwd") + f" ({card})")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"attention_{tag}.png"), dpi=110)
+        lines += ["", f"Plot: attention_{tag}.png"]
+    except ImportError:
+        lines += ["", "No plot: matplotlib is not installed on the benchmark machine."]
+    with open(os.path.join(out_dir, f"attention_{tag}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--quick", action="store_true", help="8k and 32k only, no 128k")
+    ap.add_argument("--sweep-configs", action="store_true")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--only-sweep", action="store_true")
+    args = ap.parse_args()
+    card = torch.cuda.get_device_name()
+    log(f"{card} torch {torch.__version__} triton {triton.__version__}")
+    RESULTS["env"] = {"card": card, "torch": torch.__version__, "triton": triton.__version__}
+    lay = S2Layout(64, 16, 16)
+    if args.sweep_configs:
+        sweep_configs(lay, 32768)
+        if args.only_sweep:
+            return
+    seqs = [8192, 32768] if args.quick else [8192, 32768, 131072]
+    flex = None
+    if not args.skip_baselines:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        RESULTS["flex_check_rel_err"] = check_vs_flex(lay, flex)
+        log(f"flex agreement {RESULTS['flex_check_rel_err']:.2e}")
+    for n in seqs:
+        r = {"seq": n, "density": round(density(lay, n), 4), **ours(lay, n)}
+        log(f"ours {r}")
+        if not args.skip_baselines:
+            r.update(baselines(n, lay, flex))
+        RESULTS["rows"].append(r)
+        log(f"row {r}")
+    dense = S2Layout(64, 1, 1)
+    for n in (8192, 32768):
+        r = ours(dense, n)
+        r.update(seq=n, bwd_ms=r["fwdbwd_ms"] - r["fwd_ms"])
+        r["fwd_tflops"] = causal_flops(n) / r["fwd_ms"] / 1e9
+        r["bwd_tflops"] = 2.5 * causal_flops(n) / r["bwd_ms"] / 1e9
+        RESULTS["dense"].append(r)
+        log(f"dense {r}")
+    for bs in (16, 32, 64, 128):
+        lb = S2Layout(bs, 1024 // bs, 1024 // bs)
+        r = {"block": bs, "layout": lb.name, "density": density(lb, 32768), **ours(lb, 32768)}
+        RESULTS["block_sweep"].append(r)
+        log(f"block {r}")
+    for n in (8192, 32768):
+        r = {"seq": n, **ours(lay, n, hq=32, hkv=8)}
+        mha = next((x for x in RESULTS["rows"] if x["seq"] == n), None)
+        if mha:
+            r["mha_fwd_ms"], r["mha_fwdbwd_ms"] = round(mha["fwd_ms"], 3), round(mha["fwdbwd_ms"], 3)
+        RESULTS["gqa"].append(r)
+        log(f"gqa {r}")
+    try:
+        RESULTS["profile"] = profile_split(lay, 32768)
+    except Exception as e:  # noqa: BLE001 - the profiler is an extra; the timings stand without it
+        log(f"profile failed: {e}")
+    metadata_times(lay)
+    write_outputs(args.out, card)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""End-to-end training throughput: S2 attention vs dense, through the same code path as train.py.
+
+    python bench/train_throughput.py --model 1.3b --seq 8192 32768                        # one GPU
+    python bench/train_throughput.py --model 7b --seq 8192 32768 --nproc 4 --tp 4 \\
+        --variants dense_cudnn s2 hybrid                                                   # TP4 on 4 GPUs
+
+Each (sequence length, variant) point runs in its own process (torchrun when --nproc > 1): the training loop
+(s2megatron.training.Trainer) for ``--warmup + --steps`` optimizer steps with evaluation, passkey and
+checkpoints off; reported are the median tokens/s of the timed steps, MFU (model FLOPs with causal dense
+attention counted the same for every variant, divided by the card's dense bf16 peak) and the peak GPU memory.
+
+Variants: ``dense_cudnn`` / ``dense_fa2`` (sparsity=dense, attention.backend=sdpa pinned to cuDNN / flash),
+``dense_ours`` (sparsity=dense through the Triton S2 kernels, vert_stride 1), ``s2`` (L16V16 in every layer),
+``hybrid`` (conf/sparsity/hybrid.yaml: some dense layers). Writes ``train_throughput_<card>.{json,md}`` (and a
+plot when matplotlib is present) under --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    "dense_cudnn": (["sparsity=dense", "attention.backend=sdpa"], "CUDNN_ATTENTION"),
+    "dense_fa2": (["sparsity=dense", "attention.backend=sdpa"], "FLASH_ATTENTION"),
+    "dense_ours": (["sparsity=dense", "attention.backend=triton"], None),
+    "s2": (["sparsity=l16v16", "attention.backend=triton"], None),
+    "hybrid": (["sparsity=hybrid", "attention.backend=triton"], None),
+}
+
+
+def worker(args) -> None:
+    """One point, inside its own process (rank 0 writes the result)."""
+    import contextlib
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    sys.path.insert(0, ROOT)
+    from s2megatron.training import Trainer, plan_run
+
+    overrides, sdpa_backend = VARIANTS[args.variant]
+    tokens_per_step = args.tokens_per_step or args.seq
+    global_batch = max(1, tokens_per_step // args.seq) * args.dp
+    out_dir = tempfile.mkdtemp(prefix=f"tp_{args.variant}_")
+    overrides = overrides + [
+        f"model={args.model}", f"train.seq_len={args.seq}", "train.micro_batch=1",
+        f"train.global_batch={global_batch}", f"train.steps={args.warmup + args.steps}", f"train.out_dir={out_dir}",
+        f"train.log_interval={args.warmup + args.steps}", "train.eval_interval=0", "train.eval_iters=0",
+        "train.save_interval=0", "train.save_on_exit=false", "eval.passkey.enabled=false",
+        f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"parallel.sp={str(args.tp > 1).lower()}",
+        f"optim.warmup_steps={args.warmup}",
+    ] + (["train.recompute=full"] if args.recompute else []) + list(args.extra)
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    ctx = contextlib.nullcontext()
+    if sdpa_backend:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        ctx = sdpa_kernel(getattr(SDPBackend, sdpa_backend))
+    trainer = Trainer(cfg, plan_run(cfg))
+    try:
+        trainer.setup()
+        torch.cuda.reset_peak_memory_stats()
+        with ctx:
+            result = trainer.train()
+        timed = result.step_times_s[args.warmup:]
+        step_s = statistics.median(timed)
+        tokens_per_s = result.tokens_per_step / step_s
+        from s2megatron.training.metrics import peak_flops_per_s
+        peak = peak_flops_per_s(trainer.device, trainer.plan.precision)
+        world = trainer.plan.world_size
+        mfu = trainer.flops_per_token * tokens_per_s / (peak * world) if peak else None
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        mem_t = torch.tensor([mem], device=trainer.device)
+        torch.distributed.all_reduce(mem_t, op=torch.distributed.ReduceOp.MAX)
+        if trainer.env.is_main:
+            row = {"model": args.model, "seq": args.seq, "variant": args.variant, "tp": args.tp, "pp": args.pp,
+                   "gpus": world, "recompute": "full" if args.recompute else None,
+                   "tokens_per_step": result.tokens_per_step, "step_s_median": step_s,
+                   "step_s_all": result.step_times_s, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                   "peak_mem_gib": float(mem_t.item()), "losses": result.losses,
+                   "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": __import__("triton").__version__, "sdpa_backend": sdpa_backend,
+                   "overrides": overrides}
+            with open(args.result, "w") as f:
+                json.dump(row, f)
+    finally:
+        trainer.close()
+
+
+def run_point(args, seq, variant) -> dict:
+    fd, result = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable]
+    if args.nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    cmd += [os.path.abspath(__file__), "--worker", "--model", args.model, "--seq", str(seq), "--variant", variant,
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--tp", str(args.tp), "--pp", str(args.pp),
+            "--dp", str(args.nproc // (args.tp * args.pp)), "--result", result,
+            "--tokens-per-step", str(args.tokens_per_step or 0)]
+    if args.recompute_from and seq >= args.recompute_from:
+        cmd += ["--recompute"]
+    cmd += ["--extra", *args.extra] if args.extra else []
+    print("+", shlex.join(cmd), flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.point_timeout)
+    if proc.returncode != 0 or os.path.getsize(result) == 0:
+        return {"model": args.model, "seq": seq, "variant": variant, "error": f"exit code {proc.returncode}"}
+    with open(result) as f:
+        row = json.load(f)
+    os.unlink(result)
+    print(f"  {variant:12s} seq {seq:6d}: {row['tokens_per_s']:10.0f} tok/s  MFU "
+          f"{(row['mfu'] or 0):6.1%}  mem {row['peak_mem_gib']:6.1f} GiB", flush=True)
+    return row
+
+
+def write_report(rows, out_dir):
+    ok = [r for r in rows if "error" not in r]
+    card = ok[0]["card"] if ok else "unknown"
+    slug = card.replace("NVIDIA ", "").replace(" ", "_")
+    model = rows[0]["model"]
+    stem = os.path.join(out_dir, f"train_throughput_{model}_{slug}")
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    lines = [f"# Training throughput, model {model}, {card}", ""]
+    if ok:
+        r0 = ok[0]
+        lines += [f"torch {r0['torch']}, triton {r0['triton']}, {r0['gpus']} GPU(s), TP{r0['tp']} PP{r0['pp']}; "
+                  "tokens/s = median over the timed steps; MFU counts causal dense attention for every variant.", ""]
+    lines += ["| seq | variant | tokens/s | vs dense cuDNN | vs dense FA2 | MFU | peak mem GiB | recompute |",
+              "|---|---|---|---|---|---|---|---|"]
+    for seq in sorted({r["seq"] for r in rows}):
+        at = {r["variant"]: r for r in rows if r["seq"] == seq}
+        base = {k: at[k]["tokens_per_s"] for k in ("dense_cudnn", "dense_fa2") if k in at and "error" not in at[k]}
+        for name, r in at.items():
+            if "error" in r:
+                lines.append(f"| {seq} | {name} | {r['error']} | | | | | |")
+                continue
+            rel = [f"{r['tokens_per_s'] / base[k]:.2f}x" if k in base else "-" for k in ("dense_cudnn", "dense_fa2")]
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            lines.append(f"| {seq} | {name} | {r['tokens_per_s']:,.0f} | {rel[0]} | {rel[1]} | {mfu} | "
+                         f"{r['peak_mem_gib']:.1f} | {r['recompute'] or '-'} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    seqs = sorted({r["seq"] for r in ok})
+    names = list(dict.fromkeys(r["variant"] for r in ok))
+    width = 0.8 / max(1, len(names))
+    for n, name in enumerate(names):
+        vals = [next((r["tokens_per_s"] for r in ok if r["seq"] == s and r["variant"] == name), 0) for s in seqs]
+        ax.bar([i + n * width for i in range(len(seqs))], vals, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(seqs))], [f"{s // 1024}k" for s in seqs])
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{model} training throughput, {card}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="1.3b")
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps per point")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (compile, allocator)")
+    ap.add_argument("--tokens-per-step", type=int, default=32768,
+                    help="tokens per optimizer step per data-parallel rank (gradient accumulation tops up)")
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--recompute-from", type=int, default=32768,
+                    help="use full activation recompute at and above this length (0: never)")
+    ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--point-timeout", type=int, default=600)
+    ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every point")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--dp", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        args.seq = args.seq[0]
+        return worker(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows = [run_point(args, seq, variant) for seq in args.seq for variant in args.variants]
+    write_report(rows, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluations of trained models: passkey retrieval over (context length x needle depth)."""

@@ -1,0 +1,56 @@
+"""Tile shapes of the S2 kernels, chosen per (layout block size, head dim, Merge-Q allowed).
+
+The layout's block size and the kernel tiles are independent: the forward/dQ query tile is ``rows_per_tile`` layout
+blocks (Merge-Q) and the key tiles cut or gather layout blocks (see kernels.py). Shapes were picked on an H100 for
+head dim 128 (one warpgroup per 64 query rows; key tiles of 64 keep the score tile in registers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int            # forward / dQ query tile (tokens); a multiple of the layout block size
+    block_n: int            # forward key tile
+    dq_block_n: int         # dQ key tile
+    dkdv_block_n: int       # dK/dV key tile
+    dkdv_block_m: int       # dK/dV query chunk
+    fwd_warps: int
+    fwd_stages: int
+    dq_warps: int
+    dq_stages: int
+    dkdv_warps: int
+    dkdv_stages: int
+
+
+def block_d(head_dim: int) -> int:
+    """Head-dim tile: the next power of two (at least 16, tl.dot's minimum); extra dims are masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int = 2) -> TileConfig:
+    """Tiles for layout block ``block_size`` and ``head_dim``; ``merge_q`` False (a layout that is not
+    KV-cache efficient) keeps one layout block per query tile and per dK/dV key tile. ``elem_bytes`` 4 (float32
+    inputs) drops software pipelining so the tiles fit in shared memory.
+
+    Measured on an H200 (L16V16, block 64, 32k, head dim 128): forward 128x64 tiles, 8 warps, 3 stages (2.91 ms;
+    64-key tiles with 2 stages 3.40, 128-key tiles 3.17, 4 warps 8.27); dQ 64-key tiles with 3 stages (-1.1 ms vs 2);
+    dK/dV 64 keys x 32 queries with 4 warps (6.2 ms) against 128 x 32 with 8 warps (10.6 ms): a 128-key tile spans
+    two layout blocks, and when one is a stripe of the head and the other is not, the whole run below the stripe is
+    computed for both."""
+    big = block_d(head_dim) > 128
+    block_m = max(64 if big else 128, block_size) if merge_q else block_size
+    block_n = 32 if big else 64
+    dkdv_n, dkdv_m = (32, 64) if big else (64, 32)
+    if not merge_q:  # the column list walk handles one layout block per key tile / query chunk
+        dkdv_n = min(dkdv_n, block_size)
+        dkdv_m = min(dkdv_m, block_size)
+    warps_m = 8 if block_m >= 128 or big else 4
+    stages = 1 if elem_bytes > 2 else None
+    return TileConfig(block_m=block_m, block_n=block_n, dq_block_n=block_n, dkdv_block_n=dkdv_n,
+                      dkdv_block_m=dkdv_m, fwd_warps=warps_m, fwd_stages=stages or (2 if big else 3),
+                      dq_warps=warps_m, dq_stages=stages or (2 if big else 3), dkdv_warps=8 if big else 4,
+                      dkdv_stages=stages or 2)

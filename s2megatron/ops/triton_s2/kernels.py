@@ -1,0 +1,400 @@
+"""Triton kernels of S2 attention: forward, backward preprocess (Delta), dQ and dK/dV.
+
+Terms (see ``s2megatron/sparsity/metadata.py``): a *query tile* is ``BLOCK_M = rows_per_tile * BS`` consecutive query
+positions starting at absolute block ``first_block + tile * rows_per_tile``; its *row list* holds the kept key blocks
+(union over the tile's rows, Merge-Q) and, per entry, the last row of the tile that keeps it (``row_last``). A *key
+tile* of the dK/dV pass is ``BLOCK_N`` consecutive key positions; its query rows come from the column lists.
+
+Positions are absolute within a sequence (a KV prefix of ``past = kv_len - q_len`` tokens precedes the queries; a
+packed varlen sequence starts at position 0 and token ``cu_seqlens[b]``). Scores are kept in base 2: ``qk_scale`` is
+``sm_scale * log2(e)``, so softmax uses ``exp2`` and lse is converted to natural log on store.
+
+No atomics: dQ is owned by the program of its query tile, dK/dV by the program of its (kv head, key tile), which walks
+every query head of its GQA group in a fixed order. Two backward passes are therefore bitwise identical.
+
+Under the CPU interpreter (``UPCAST``) 16-bit tiles are converted to float32 right after loading, because the
+interpreter computes bfloat16 on raw bit patterns.
+"""
+import inspect
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # host-side value (qk_scale = sm_scale * LOG2E)
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# Lengths and counts change from call to call: do not compile one kernel per divisibility class of each.
+_DYNAMIC = ("q_len", "kv_len", "num_tiles", "first_block", "num_key_blocks", "num_rows", "num_heads", "group",
+            "num_kv_heads", "local_blocks", "vert_stride")
+
+
+def _jit_dynamic(fn):
+    """triton.jit without value specialisation of the length/count arguments that ``fn`` takes."""
+    params = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[name for name in _DYNAMIC if name in params])
+
+
+@triton.jit
+def _load(ptrs, mask, UPCAST: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN: tl.constexpr):
+    """(first token row of the sequence, kv length, KV prefix length) of batch entry / packed sequence b."""
+    if VARLEN:
+        seq_start = tl.load(CU_SEQLENS + b)
+        kv_end = tl.load(CU_SEQLENS + b + 1) - seq_start
+        past = kv_end * 0
+    else:
+        seq_start = b * 0
+        kv_end = kv_len + b * 0
+        past = kv_len - q_len + b * 0
+    return seq_start.to(tl.int64), kv_end, past
+
+
+@triton.jit
+def _row_walk(ROW_PTR, RESIDUES, pat, tile, num_tiles, first_block, kv_end, local_blocks, vert_stride,
+              BS: tl.constexpr, ROWS: tl.constexpr, ANALYTIC: tl.constexpr):
+    """The kept key blocks of query tile ``tile`` under pattern ``pat``: (count, walk state w0..w3, local width).
+
+    ANALYTIC (S2Layout): the list is the stripes ``r, r+V, ...`` below the local range, then the local range
+    ``[max(0, i0-L+1), i1]`` (same as the metadata's row lists), computed instead of loaded, so the key addresses
+    of later iterations are known early and the pipeline never waits on an index load. Otherwise the metadata's
+    row list ``[row_ptr[tile], row_ptr[tile+1])``."""
+    if ANALYTIC:
+        r = tl.load(RESIDUES + pat)  # stripe residue, -1 for a dense pattern head
+        i0 = first_block + tile * ROWS
+        i1 = tl.minimum(i0 + ROWS - 1, (kv_end - 1) // BS)
+        dense = r < 0
+        local_start = tl.where(dense, 0, tl.maximum(i0 - local_blocks + 1, 0))
+        nvert = tl.where(dense | (local_start <= r), 0, (local_start - 1 - r) // vert_stride + 1)
+        width = tl.where(dense, 1 << 30, local_blocks)
+        return nvert + i1 - local_start + 1, r, nvert, local_start, i0, width
+    else:
+        start = tl.load(ROW_PTR + pat * (num_tiles + 1) + tile)
+        end = tl.load(ROW_PTR + pat * (num_tiles + 1) + tile + 1)
+        return end - start, start, 0, 0, 0, 0
+
+
+@triton.jit
+def _row_entry(e, ok, w0, w1, w2, w3, width, vert_stride, ROW_COLS, ROW_LAST,
+               ROWS: tl.constexpr, ANALYTIC: tl.constexpr):
+    """Entry ``e`` (scalar or vector; ``ok`` false past the end) of a row walk: (key block, last keeping row of the
+    tile, -1 where not ok)."""
+    if ANALYTIC:
+        below = e < w1
+        j = tl.where(below, w0 + e * vert_stride, w2 + e - w1)
+        # a stripe (also one inside the local range) is kept by every later row; a local block by L rows
+        stripe = below | (j % vert_stride == w0)
+        last = tl.where(stripe, ROWS - 1, tl.minimum(j + width - 1 - w3, ROWS - 1))
+        return j, tl.where(ok, last, -1)
+    else:
+        j = tl.load(ROW_COLS + w0 + e, mask=ok, other=0)
+        return j, tl.load(ROW_LAST + w0 + e, mask=ok, other=-1)
+
+
+@triton.jit
+def _row_key_tile(it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_COLS, ROW_LAST, offs_n,
+                  BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, ANALYTIC: tl.constexpr):
+    """Key tile ``it`` of a row walk: key positions ``k_pos`` [BLOCK_N] = ``k_pos0 + k_rel`` (scalar base +
+    per-key offset, for cheap pointer math), last keeping row per key [BLOCK_N], and whether any score of the tile
+    needs masking.
+
+    BS >= BLOCK_N: each kept block is cut into BS // BLOCK_N contiguous tiles. BS < BLOCK_N: BLOCK_N // BS kept blocks
+    (not necessarily adjacent) are gathered into one tile; entries past the end get row_last -1 (masked)."""
+    if BS >= BLOCK_N:
+        SUBS: tl.constexpr = BS // BLOCK_N
+        e = it // SUBS
+        j, rl = _row_entry(e, e < n_ent, w0, w1, w2, w3, width, vert_stride, ROW_COLS, ROW_LAST, ROWS, ANALYTIC)
+        k_pos0 = j * BS + (it % SUBS) * BLOCK_N
+        k_rel = offs_n
+        k_pos = k_pos0 + offs_n
+        row_last = tl.zeros([BLOCK_N], tl.int32) + rl
+        # interior tiles (entirely below the tile's first query, kept by every row) skip the mask
+        need_mask = (k_pos0 + BLOCK_N - 1 > tile_pos0) | (rl < ROWS - 1)
+    else:
+        u = it * BLOCK_N + offs_n
+        e = u // BS
+        j, row_last = _row_entry(e, e < n_ent, w0, w1, w2, w3, width, vert_stride, ROW_COLS, ROW_LAST, ROWS,
+                                 ANALYTIC)
+        k_pos = j * BS + u % BS
+        k_pos0 = it * 0
+        k_rel = k_pos.to(tl.int64)
+        need_mask = (tl.max(k_pos, 0) > tile_pos0) | (tl.min(row_last, 0) < ROWS - 1)
+    return k_pos, k_pos0.to(tl.int64), k_rel, row_last, need_mask
+
+
+@_jit_dynamic
+def s2_fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    qk_scale, q_len, kv_len, num_tiles, first_block, num_heads, group, local_blocks, vert_stride,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK_M // BS
+    pid_bh = tl.program_id(0)
+    tile = num_tiles - 1 - tl.program_id(1)  # longest rows (latest tiles) first
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kvh = h // group
+    seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
+    tile_pos0 = (first_block + tile * ROWS) * BS
+    if tile_pos0 >= kv_end:
+        return
+    off_b = b.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_pos = tile_pos0 + offs_m
+    q_ok = (q_pos >= past) & (q_pos < kv_end)
+    row0 = seq_start + (tile_pos0 - past).to(tl.int64)  # token row of tile row 0 (may precede the queries)
+    q = _load(Q + off_b * stride_qb + h * stride_qh + row0 * stride_qs + offs_m[:, None] * stride_qs
+              + offs_d[None, :], q_ok[:, None] & d_ok[None, :], UPCAST)
+    k_base = K + off_b * stride_kb + kvh * stride_kh + seq_start * stride_ks
+    v_base = V + off_b * stride_vb + kvh * stride_vh + seq_start * stride_vs
+
+    pat = tl.load(HEAD_TO_PAT + h)
+    n_ent, w0, w1, w2, w3, width = _row_walk(ROW_PTR, RESIDUES, pat, tile, num_tiles, first_block, kv_end,
+                                             local_blocks, vert_stride, BS, ROWS, ANALYTIC)
+    if BS >= BLOCK_N:
+        n_it = n_ent * (BS // BLOCK_N)
+    else:
+        n_it = (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS)
+    sub_row = offs_m // BS
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for it in range(0, n_it):
+        k_pos, k_pos0, k_rel, row_last, need_mask = _row_key_tile(
+            it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_COLS, ROW_LAST, offs_n, BS, BLOCK_N, ROWS,
+            ANALYTIC)
+        kv_mask = (k_pos < kv_end)[:, None] & d_ok[None, :]
+        k = _load(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], kv_mask, UPCAST)
+        v = _load(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], kv_mask, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if need_mask:
+            allowed = (k_pos[None, :] <= q_pos[:, None]) & (sub_row[:, None] <= row_last[None, :])
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet: avoid inf - inf
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0  # only for layouts that keep nothing for a row
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+    o_ptrs = O + off_b * stride_ob + h * stride_oh + row0 * stride_os + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + off_b * stride_lb + h * stride_lh + row0 + offs_m, lse, mask=q_ok)
+
+
+@_jit_dynamic
+def s2_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+    num_rows, num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """Delta = rowsum(O * dO) - dLSE (the lse gradient enters dS = P * (dP - Delta) with a minus sign)."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = pid_bh % num_heads
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = rows < num_rows
+    mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    o = tl.load(O + b * stride_ob + h * stride_oh + r64 * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + r64 * stride_dos + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    l_off = b * stride_lb + h * stride_lh + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + l_off, mask=ok, other=0.0)
+    tl.store(DELTA + l_off, delta, mask=ok)
+
+
+@_jit_dynamic
+def s2_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    sm_scale, qk_scale, q_len, kv_len, num_tiles, first_block, num_heads, group, local_blocks, vert_stride,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr,
+):
+    """dQ of one query tile, walking its row list (same tiles and metadata as the forward)."""
+    ROWS: tl.constexpr = BLOCK_M // BS
+    pid_bh = tl.program_id(0)
+    tile = num_tiles - 1 - tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kvh = h // group
+    seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
+    tile_pos0 = (first_block + tile * ROWS) * BS
+    if tile_pos0 >= kv_end:
+        return
+    off_b = b.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_pos = tile_pos0 + offs_m
+    q_ok = (q_pos >= past) & (q_pos < kv_end)
+    row0 = seq_start + (tile_pos0 - past).to(tl.int64)
+    qd_mask = q_ok[:, None] & d_ok[None, :]
+    q = _load(Q + off_b * stride_qb + h * stride_qh + row0 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
+              qd_mask, UPCAST)
+    do = _load(DO + off_b * stride_dob + h * stride_doh + row0 * stride_dos + offs_m[:, None] * stride_dos
+               + offs_d[None, :], qd_mask, UPCAST)
+    l_off = off_b * stride_lb + h * stride_lh + row0 + offs_m
+    lse2 = tl.load(LSE + l_off, mask=q_ok, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + l_off, mask=q_ok, other=0.0)
+    k_base = K + off_b * stride_kb + kvh * stride_kh + seq_start * stride_ks
+    v_base = V + off_b * stride_vb + kvh * stride_vh + seq_start * stride_vs
+
+    pat = tl.load(HEAD_TO_PAT + h)
+    n_ent, w0, w1, w2, w3, width = _row_walk(ROW_PTR, RESIDUES, pat, tile, num_tiles, first_block, kv_end,
+                                             local_blocks, vert_stride, BS, ROWS, ANALYTIC)
+    if BS >= BLOCK_N:
+        n_it = n_ent * (BS // BLOCK_N)
+    else:
+        n_it = (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS)
+    sub_row = offs_m // BS
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for it in range(0, n_it):
+        k_pos, k_pos0, k_rel, row_last, need_mask = _row_key_tile(
+            it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_COLS, ROW_LAST, offs_n, BS, BLOCK_N, ROWS,
+            ANALYTIC)
+        kv_mask = (k_pos < kv_end)[:, None] & d_ok[None, :]
+        k = _load(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], kv_mask, UPCAST)
+        v = _load(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], kv_mask, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if need_mask:
+            allowed = (k_pos[None, :] <= q_pos[:, None]) & (sub_row[:, None] <= row_last[None, :])
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    dq *= sm_scale
+    tl.store(DQ + off_b * stride_dqb + h * stride_dqh + row0 * stride_dqs + offs_m[:, None] * stride_dqs
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@_jit_dynamic
+def s2_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, COL_PTR, COL_ROWS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    sm_scale, qk_scale, q_len, kv_len, num_key_blocks, first_block, num_kv_heads, group,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, RUN: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """dK/dV of one key tile of one kv head, summed over the query heads of its GQA group in order.
+
+    RUN (KV-cache-efficient layouts): the query blocks keeping key block j form one run, so the tile's rows are the
+    contiguous range from the earliest run start to the latest run end (``col_rows`` first/last entries); a row of
+    query block i reaches key block j only while i <= last(j). Otherwise (any custom layout) BLOCK_N <= BS and the
+    key tile walks its block's column list, BLOCK_M <= BS rows at a time."""
+    pid_bh = tl.program_id(0)
+    k_pos0 = tl.program_id(1) * BLOCK_N
+    b = pid_bh // num_kv_heads
+    kvh = pid_bh % num_kv_heads
+    seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
+    if k_pos0 >= kv_end:
+        return
+    off_b = b.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k_pos = k_pos0 + offs_n
+    k_ok = k_pos < kv_end
+    kd_mask = k_ok[:, None] & d_ok[None, :]
+    krow = seq_start + k_pos0.to(tl.int64)
+    k = _load(K + off_b * stride_kb + kvh * stride_kh + krow * stride_ks + offs_n[:, None] * stride_ks
+              + offs_d[None, :], kd_mask, UPCAST)
+    v = _load(V + off_b * stride_vb + kvh * stride_vh + krow * stride_vs + offs_n[:, None] * stride_vs
+              + offs_d[None, :], kd_mask, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    k_last = k_pos0 + BLOCK_N - 1
+    j_col = k_pos // BS
+    jc_ok = j_col < num_key_blocks
+
+    for g in range(0, group):
+        h = kvh * group + g
+        pat = tl.load(HEAD_TO_PAT + h)
+        cp = COL_PTR + pat * (num_key_blocks + 1)
+        qrow0 = seq_start - past.to(tl.int64)  # token row of query position 0
+        q_base = Q + off_b * stride_qb + h * stride_qh + qrow0 * stride_qs
+        do_base = DO + off_b * stride_dob + h * stride_doh + qrow0 * stride_dos
+        l_off = off_b * stride_lb + h * stride_lh + qrow0
+        if RUN:
+            cs = tl.load(cp + j_col, mask=jc_ok, other=0)
+            ce = tl.load(cp + j_col + 1, mask=jc_ok, other=0)
+            has = ce > cs
+            hi = tl.where(has, tl.load(COL_ROWS + ce - 1, mask=has, other=-1), -1)  # last keeping query block
+            lo = tl.where(has, tl.load(COL_ROWS + cs, mask=has, other=0), 1 << 30)
+            hi_max = tl.max(hi, 0)
+            lo_min = tl.minimum(tl.min(lo, 0), hi_max + 1)
+            hi_min = tl.min(tl.where(k_ok, hi, hi_max), 0)
+            q_lo = (first_block + lo_min) * BS
+            n_it = ((hi_max - lo_min + 1) * BS + BLOCK_M - 1) // BLOCK_M
+        else:
+            j = k_pos0 // BS
+            cs = tl.load(cp + j)
+            ce = tl.load(cp + j + 1)
+            n_it = (ce - cs) * (BS // BLOCK_M)
+            hi = tl.zeros([BLOCK_N], tl.int32)
+            hi_min = 0
+            q_lo = 0
+        for it in range(0, n_it):
+            if RUN:
+                q_pos0 = q_lo + it * BLOCK_M
+                need_mask = (k_last > q_pos0) | ((q_pos0 + BLOCK_M - 1) // BS - first_block > hi_min)
+            else:
+                i_rel = tl.load(COL_ROWS + cs + it // (BS // BLOCK_M))
+                q_pos0 = (first_block + i_rel) * BS + (it % (BS // BLOCK_M)) * BLOCK_M
+                need_mask = k_last > q_pos0
+            q_pos = q_pos0 + offs_m
+            q_ok = (q_pos >= past) & (q_pos < kv_end)
+            qd_mask = q_ok[:, None] & d_ok[None, :]
+            r = q_pos0.to(tl.int64)
+            q = _load(q_base + r * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], qd_mask, UPCAST)
+            do = _load(do_base + r * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], qd_mask, UPCAST)
+            # rows outside the queries get lse = +inf, hence P = 0: they add nothing
+            lse2 = tl.load(LSE + l_off + r + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
+            delta = tl.load(DELTA + l_off + r + offs_m, mask=q_ok, other=0.0)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale           # [BLOCK_N, BLOCK_M]
+            p_t = tl.math.exp2(qk_t - lse2[None, :])
+            if need_mask:
+                allowed = k_pos[:, None] <= q_pos[None, :]
+                if RUN:
+                    allowed = allowed & ((q_pos[None, :] // BS - first_block) <= hi[:, None])
+                p_t = tl.where(allowed, p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    dk *= sm_scale
+    tl.store(DK + off_b * stride_dkb + kvh * stride_dkh + krow * stride_dks + offs_n[:, None] * stride_dks
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + off_b * stride_dvb + kvh * stride_dvh + krow * stride_dvs + offs_n[:, None] * stride_dvs
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)

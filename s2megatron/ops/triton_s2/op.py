@@ -1,0 +1,221 @@
+"""Launchers, the ``torch.library`` custom ops and their autograd.
+
+The ops take the layout as an integer key into a process-wide registry, so that ``torch.compile`` sees one opaque
+op per call (no graph break) and the metadata (cached by :func:`get_metadata`) is looked up at run time, outside
+any graph. Neither launcher reads device memory on the host: forward and backward are CUDA-graph capturable once the
+metadata of a shape has been built (the first call builds it).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from ...sparsity.layout import Layout, S2Layout
+from ...sparsity.metadata import BlockMetadata, get_metadata
+from . import config as _config
+from . import kernels as _kernels
+
+_LAYOUTS: dict = {}
+_KEYS: dict = {}
+
+
+@torch._dynamo.assume_constant_result
+def layout_key(layout: Layout) -> int:
+    """A stable integer for ``layout`` (equal layouts share one), registering it on first use."""
+    key = _KEYS.get(layout)
+    if key is None:
+        key = len(_LAYOUTS)
+        _LAYOUTS[key] = layout
+        _KEYS[layout] = key
+    return key
+
+
+@lru_cache(maxsize=256)
+def _merge_allowed(layout: Layout) -> bool:
+    return bool(layout.is_kv_cache_efficient())
+
+
+@lru_cache(maxsize=256)
+def _residues(layout: S2Layout, num_heads, num_kv_heads, head_offset, total_heads, total_kv_heads, device):
+    """Stripe residue of each distinct pattern (-1 = dense), in the metadata's pattern order."""
+    heads = layout.resolve(num_heads, num_kv_heads, head_offset, total_heads, total_kv_heads)
+    return torch.tensor(layout.head_patterns(heads).residues, dtype=torch.int32, device=device)
+
+
+def _interpreting() -> bool:
+    """The kernels were decorated for Triton's CPU interpreter (TRITON_INTERPRET=1 when they were imported)."""
+    return type(_kernels.s2_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+class _Plan:
+    """Shapes, tiles and metadata of one call (everything the launchers need besides the tensors)."""
+
+    def __init__(self, q, k, cu_seqlens, key, max_seqlen, head_offset, total_heads, total_kv_heads):
+        layout = _LAYOUTS[key]
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.num_tokens, self.num_heads, self.head_dim = q.shape
+            self.batch = cu_seqlens.numel() - 1
+            # without max_seqlen, the packed length bounds every sequence (no device->host read)
+            self.q_len = self.kv_len = max_seqlen if max_seqlen > 0 else self.num_tokens
+        else:
+            self.batch, self.q_len, self.num_heads, self.head_dim = q.shape
+            self.kv_len = k.shape[1]
+        self.num_kv_heads = k.shape[-2]
+        self.group = self.num_heads // self.num_kv_heads
+        self.block_size = layout.block_size
+        self.merge_q = _merge_allowed(layout)
+        self.cfg = _config.tile_config(self.block_size, self.head_dim, self.merge_q, q.element_size())
+        self.block_d = _config.block_d(self.head_dim)
+        self.meta: BlockMetadata = get_metadata(
+            layout, self.num_heads, self.q_len, self.kv_len, num_kv_heads=self.num_kv_heads,
+            head_offset=head_offset, total_heads=total_heads or None, total_kv_heads=total_kv_heads or None,
+            device=q.device, rows_per_tile=self.cfg.block_m // self.block_size)
+        # S2 row lists are computed in the kernels from the pattern formula; custom layouts read the metadata
+        self.analytic = isinstance(layout, S2Layout)
+        if self.analytic:
+            self.residues = _residues(layout, self.num_heads, self.num_kv_heads, head_offset, total_heads or None,
+                                      total_kv_heads or None, self.meta.head_to_pattern.device)
+            self.local_blocks, self.vert_stride = layout.local_blocks, layout.vert_stride
+        else:
+            self.residues, self.local_blocks, self.vert_stride = self.meta.head_to_pattern, 1, 1
+        if self.meta.num_tiles > 65535:
+            raise ValueError(f"{self.meta.num_tiles} query tiles exceed the launch grid (65535); pass max_seqlen "
+                             "for packed input or use a larger block_size")
+        self.upcast = _interpreting() and q.dtype != torch.float32
+        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def common(self):
+        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BS=self.block_size, VARLEN=self.varlen,
+                    UPCAST=self.upcast, PREC=self.prec)
+
+
+def _qkv_strides(x, varlen):
+    """(batch, seq, head) strides of a [B, S, H, D] or packed [T, H, D] tensor (batch stride 0 when packed)."""
+    return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _lse_strides(lse, varlen):
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_heads, total_kv_heads):
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    plan = _Plan(q, k, cu_seqlens, key, max_seqlen, head_offset, total_heads, total_kv_heads)
+    meta, cfg = plan.meta, plan.cfg
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse_shape = (plan.num_heads, plan.num_tokens) if plan.varlen else (plan.batch, plan.num_heads, plan.q_len)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens if plan.varlen else meta.head_to_pattern  # unused placeholder pointer when not packed
+    grid = (plan.batch * plan.num_heads, meta.num_tiles)
+    _kernels.s2_fwd_kernel[grid](
+        q, k, v, out, lse, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last, plan.residues,
+        *_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
+        *_qkv_strides(out, plan.varlen), *_lse_strides(lse, plan.varlen),
+        sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block, plan.num_heads,
+        plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        ANALYTIC=plan.analytic,
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **plan.common())
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_heads,
+              total_kv_heads):
+    q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
+    plan = _Plan(q, k, cu_seqlens, key, max_seqlen, head_offset, total_heads, total_kv_heads)
+    meta, cfg = plan.meta, plan.cfg
+    common = plan.common()
+    cu = cu_seqlens if plan.varlen else meta.head_to_pattern
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.contiguous()
+    rows = plan.num_tokens if plan.varlen else plan.q_len
+    pre_m = 64
+    _kernels.s2_bwd_preprocess_kernel[(plan.batch if not plan.varlen else 1) * plan.num_heads,
+                                      triton_cdiv(rows, pre_m)](
+        out, dout, dlse if dlse is not None else delta, delta, *_qkv_strides(out, plan.varlen),
+        *_qkv_strides(dout, plan.varlen), *_lse_strides(lse, plan.varlen), rows, plan.num_heads,
+        HEAD_DIM=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_M=pre_m,
+        HAS_DLSE=dlse is not None, num_warps=4)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    strides = (*_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
+               *_qkv_strides(dout, plan.varlen))
+    _kernels.s2_bwd_dq_kernel[(plan.batch * plan.num_heads, meta.num_tiles)](
+        q, k, v, dout, dq, lse, delta, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last,
+        plan.residues,
+        *strides, *_qkv_strides(dq, plan.varlen), *_lse_strides(lse, plan.varlen),
+        sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block, plan.num_heads,
+        plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
+        ANALYTIC=plan.analytic,
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common)
+    _kernels.s2_bwd_dkdv_kernel[(plan.batch * plan.num_kv_heads, triton_cdiv(plan.kv_len, cfg.dkdv_block_n))](
+        q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows,
+        *strides, *_qkv_strides(dk, plan.varlen), *_qkv_strides(dv, plan.varlen), *_lse_strides(lse, plan.varlen),
+        sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
+        plan.num_kv_heads, plan.group, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
+        RUN=plan.merge_q, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common)
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("s2megatron::triton_s2_fwd", mutates_args=())
+def s2_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor], layout_id: int,
+              sm_scale: float, max_seqlen: int, head_offset: int, total_heads: int,
+              total_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse float32 [B, H, S] or [H, T]); ``max_seqlen``/``total_*`` of 0 mean "not given"."""
+    return _forward(q, k, v, cu_seqlens, layout_id, sm_scale, max_seqlen, head_offset, total_heads, total_kv_heads)
+
+
+@s2_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, layout_id, sm_scale, max_seqlen, head_offset, total_heads, total_kv_heads):
+    if cu_seqlens is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+@torch.library.custom_op("s2megatron::triton_s2_bwd", mutates_args=())
+def s2_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], layout_id: int,
+              sm_scale: float, max_seqlen: int, head_offset: int, total_heads: int,
+              total_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, layout_id, sm_scale, max_seqlen, head_offset,
+                     total_heads, total_kv_heads)
+
+
+@s2_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens, layout_id, sm_scale, max_seqlen, head_offset, total_heads,
+      total_kv_heads):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.args = args
+
+
+def _autograd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = s2_bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+s2_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)

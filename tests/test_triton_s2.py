@@ -1,0 +1,357 @@
+"""Triton S2 kernels (forward and backward) against the float64 reference.
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here only when CUDA is absent and
+before the kernels are decorated); with CUDA the same tests run on the GPU. Sizes are small (CI: 2 CPU cores) but
+every length reaches well past local_blocks * block_size, where the pattern differs from dense causal.
+"""
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+# The interpreter is chosen when a kernel is decorated, so it must be on while triton.language and the kernels are
+# imported; it is switched on only without CUDA, and only while this module imports and runs (other tests see the
+# environment as it was).
+_CPU = not torch.cuda.is_available()
+_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if _CPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if _CPU and not isinstance(tl.zeros, InterpretedFunction):
+    # triton was imported earlier in this process without the interpreter: decorate its library functions again
+    import triton.language.standard as _tl_standard
+    importlib.reload(_tl_standard)
+    for _name, _fn in vars(_tl_standard).items():
+        if isinstance(_fn, InterpretedFunction) and hasattr(tl, _name):
+            setattr(tl, _name, _fn)
+
+from s2megatron.ops import s2_attention  # noqa: E402
+from s2megatron.ops.reference import reference_attention  # noqa: E402
+from s2megatron.ops.triton_s2 import kernels as _kernels  # noqa: E402
+from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
+from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
+from s2megatron.sparsity import BlockMaskLayout, S2Layout, get_metadata  # noqa: E402
+
+DEVICE = "cpu" if _CPU else "cuda"
+if _CPU and not isinstance(_kernels.s2_fwd_kernel, InterpretedFunction):
+    importlib.reload(_kernels)  # the kernels were imported before the interpreter was on: decorate them again
+
+
+def _restore_interpret_env():
+    if _SAVED_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env():
+    if _CPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret_env()
+
+
+TOL = {torch.float32: 2e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def make_inputs(shape_q, shape_kv, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(*shape_q, generator=g).to(DEVICE, dtype)
+    k = torch.randn(*shape_kv, generator=g).to(DEVICE, dtype)
+    v = torch.randn(*shape_kv, generator=g).to(DEVICE, dtype)
+    return q, k, v
+
+
+def run_and_check(layout, q, k, v, *, cu_seqlens=None, heads=None, tol=None, via_dispatch=False, seed=0):
+    """Forward (out, lse) and backward (through out and lse) of the Triton path vs the float64 reference.
+
+    Returns the Triton gradients (dq, dk, dv)."""
+    heads = heads or {}
+    tol = tol or TOL[q.dtype]
+    d = q.shape[-1]
+    sm_scale = 1.0 / math.sqrt(d)
+    qt, kt, vt = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    if via_dispatch:
+        out, lse = s2_attention(qt, kt, vt, layout, cu_seqlens=cu_seqlens, return_lse=True, backend="triton", **heads)
+    else:
+        out, lse = triton_s2_attention(qt, kt, vt, layout, sm_scale=sm_scale, cu_seqlens=cu_seqlens, return_lse=True,
+                                       **heads)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = reference_attention(q64, k64, v64, layout, sm_scale=sm_scale,
+                                           cu_seqlens=None if cu_seqlens is None else cu_seqlens.cpu(), **heads)
+    assert lse.shape == ref_lse.shape
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    dout = torch.randn(out.shape, generator=g).to(DEVICE, out.dtype)
+    dlse = torch.randn(lse.shape, generator=g).to(DEVICE) * 0.5
+    grads = torch.autograd.grad((out.float() * dout.float()).sum() + (lse * dlse).sum(), (qt, kt, vt))
+    ref_grads = torch.autograd.grad((ref_out * dout.double()).sum() + (ref_lse * dlse.double()).sum(),
+                                    (q64, k64, v64))
+    for name, got, ref in (("out", out, ref_out), ("lse", lse, ref_lse), *zip(("dq", "dk", "dv"), grads, ref_grads)):
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        err = rel_err(got, ref.detach())
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+    return grads
+
+
+@triton.jit
+def _walk_probe(RES, OUT_J, OUT_LAST, OUT_N, num_tiles, first_block, kv_end, local_blocks, vert_stride,
+                MAX_ENT: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr):
+    pat = tl.program_id(0)
+    tile = tl.program_id(1)
+    n, w0, w1, w2, w3, width = _kernels._row_walk(RES, RES, pat, tile, num_tiles, first_block, kv_end, local_blocks,
+                                                  vert_stride, BS, ROWS, True)
+    slot = pat * num_tiles + tile
+    tl.store(OUT_N + slot, n)
+    for e in range(0, n):
+        j, last = _kernels._row_entry(e, e < n, w0, w1, w2, w3, width, vert_stride, RES, RES, ROWS, True)
+        tl.store(OUT_J + slot * MAX_ENT + e, j)
+        tl.store(OUT_LAST + slot * MAX_ENT + e, last)
+
+
+@pytest.mark.parametrize("block,local,stride,dense_heads,q_len,kv_len,rows", [
+    (64, 2, 3, 0, 448, 448, 2), (16, 3, 5, 1, 300, 700, 8), (32, 1, 4, 0, 333, 333, 4), (128, 4, 2, 2, 900, 1900, 1),
+    (64, 16, 16, 0, 3000, 3000, 2), (64, 3, 1, 0, 500, 500, 2)])
+def test_analytic_row_walk_matches_metadata(block, local, stride, dense_heads, q_len, kv_len, rows):
+    """The kernels compute S2 row lists from the formula; they must equal the metadata's lists (and last rows, for
+    the rows that exist)."""
+    lay = S2Layout(block, local, stride, num_dense_heads=dense_heads)
+    heads = 8
+    meta = get_metadata(lay, heads, q_len, kv_len, rows_per_tile=rows, device=DEVICE)
+    res = _op._residues(lay, heads, heads, 0, None, None, meta.head_to_pattern.device)
+    p, t = meta.num_patterns, meta.num_tiles
+    max_ent = meta.num_key_blocks
+    out_j = torch.full((p * t * max_ent,), -9, dtype=torch.int32, device=DEVICE)
+    out_last, out_n = out_j.clone(), torch.zeros(p * t, dtype=torch.int32, device=DEVICE)
+    _walk_probe[(p, t)](res, out_j, out_last, out_n, t, meta.first_block, kv_len, local, stride, MAX_ENT=max_ent,
+                        BS=block, ROWS=rows)
+    for pat in range(p):
+        for tile in range(t):
+            a, b = meta.row_ptr[pat, tile].item(), meta.row_ptr[pat, tile + 1].item()
+            slot = pat * t + tile
+            n = out_n[slot].item()
+            got_j = out_j[slot * max_ent: slot * max_ent + n]
+            assert got_j.tolist() == meta.row_cols[a:b].tolist(), (pat, tile)
+            rows_here = min(rows, meta.last_block + 1 - (meta.first_block + tile * rows))
+            got_last = out_last[slot * max_ent: slot * max_ent + n].clamp(max=rows_here - 1)
+            assert got_last.tolist() == meta.row_last[a:b].tolist(), (pat, tile)
+
+
+def test_sparse_differs_from_dense_at_test_lengths():
+    """Guard: at these lengths the pattern matters, so a pattern bug cannot hide behind dense causal."""
+    q, k, v = make_inputs((1, 448, 2, 64), (1, 448, 2, 64), torch.float64, 0)
+    sparse, _ = reference_attention(q, k, v, S2Layout(64, 2, 3), sm_scale=0.125)
+    dense, _ = reference_attention(q, k, v, S2Layout(64, 1, 1), sm_scale=0.125)
+    assert (sparse - dense).abs().max() > 0.1
+
+
+def test_s2_block64_heads_heterogeneous_via_dispatch():
+    q, k, v = make_inputs((1, 448, 4, 64), (1, 448, 4, 64), torch.float32, 1)
+    run_and_check(S2Layout(64, 2, 3), q, k, v, via_dispatch=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    q, k, v = make_inputs((2, 448, 2, 64), (2, 448, 2, 64), dtype, 2)
+    run_and_check(S2Layout(64, 2, 3), q, k, v)
+
+
+def test_merge_q_block16():
+    """Block 16 under a 128-row query tile: eight layout rows share one union list (rows_per_tile 8)."""
+    q, k, v = make_inputs((1, 320, 2, 32), (1, 320, 2, 32), torch.float32, 3)
+    lay = S2Layout(16, 3, 5)
+    meta = get_metadata(lay, 2, 320, rows_per_tile=8)
+    assert (meta.row_last < 7).any()  # some kept blocks are masked for upper rows of a tile
+    run_and_check(lay, q, k, v)
+
+
+def test_block128_and_block32():
+    q, k, v = make_inputs((1, 448, 2, 64), (1, 448, 2, 64), torch.float32, 4)
+    run_and_check(S2Layout(128, 1, 2), q, k, v)
+    run_and_check(S2Layout(32, 3, 4, sliding_offset=0), q, k, v)
+
+
+def _random_custom_mask(num_heads, num_blocks, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(num_heads, num_blocks, num_blocks, generator=g) < 0.35
+    m |= torch.eye(num_blocks, dtype=torch.bool)  # every row keeps its diagonal block
+    return m
+
+
+def test_custom_layout_small_blocks_not_kv_efficient():
+    """dkernel D4: a custom layout that is not KV-cache efficient with block < 64 must keep its exact mask in
+    forward and backward (no Merge-Q), not the merged row union."""
+    lay = BlockMaskLayout(_random_custom_mask(2, 16, 5), block_size=16)
+    assert not lay.is_kv_cache_efficient()
+    q, k, v = make_inputs((1, 250, 2, 32), (1, 250, 2, 32), torch.float32, 5)
+    run_and_check(lay, q, k, v)
+
+
+def test_custom_layout_kv_efficient_merges():
+    m = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+    m[:, 2:4] &= torch.arange(7)[:, None] <= 4  # columns 2, 3 kept by rows up to 4 only: still a run per column
+    m[:, 0] = True
+    lay = BlockMaskLayout(m[None], block_size=64)
+    assert lay.is_kv_cache_efficient()
+    q, k, v = make_inputs((1, 448, 2, 64), (1, 448, 2, 64), torch.float32, 6)
+    run_and_check(lay, q, k, v)
+
+
+def test_gqa_heterogeneous_group_deterministic():
+    """dkernel D3: GQA in training (K/V never repeated); heads of one group have different patterns; the dK/dV sum
+    over the group is deterministic (bitwise equal twice)."""
+    lay = S2Layout(64, 2, 4)
+    q, k, v = make_inputs((1, 448, 4, 64), (1, 448, 2, 64), torch.float32, 7)
+    meta = get_metadata(lay, 4, 448, num_kv_heads=2)
+    assert meta.head_to_pattern[0] != meta.head_to_pattern[1]  # one group, two patterns
+    g1 = run_and_check(lay, q, k, v)
+    qt, kt, vt = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = triton_s2_attention(qt, kt, vt, lay, sm_scale=0.125)
+    g2 = torch.autograd.grad(out, (qt, kt, vt), torch.ones_like(out))
+    g3 = torch.autograd.grad(triton_s2_attention(qt, kt, vt, lay, sm_scale=0.125), (qt, kt, vt), torch.ones_like(out))
+    for a, b in zip(g2, g3):
+        assert torch.equal(a, b)
+    assert g1[1].shape == k.shape
+
+
+def test_varlen_packed():
+    cu = torch.tensor([0, 77, 300, 448], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_inputs((448, 2, 64), (448, 1, 64), torch.float32, 8)
+    run_and_check(S2Layout(64, 2, 3), q, k, v, cu_seqlens=cu)
+
+
+def test_varlen_without_max_seqlen_on_device_uses_packed_bound():
+    cu = torch.tensor([0, 200, 320], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_inputs((320, 2, 32), (320, 2, 32), torch.float32, 9)
+    lay = S2Layout(32, 2, 3)
+    out = triton_s2_attention(q, k, v, lay, sm_scale=0.2, cu_seqlens=cu, max_seqlen=320)  # the T bound
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), lay, sm_scale=0.2, cu_seqlens=cu.cpu())
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("q_len,kv_len,block", [(130, 448, 64), (100, 300, 32)])
+def test_kv_prefix_chunked_prefill(q_len, kv_len, block):
+    """dkernel D6: chunked prefill (1 < q_len < kv_len, prefix not block aligned) reads the right pattern rows;
+    backward gives dK/dV for the prefix keys too."""
+    q, k, v = make_inputs((1, q_len, 2, 64), (1, kv_len, 2, 64), torch.float32, 10)
+    run_and_check(S2Layout(block, 2, 3), q, k, v)
+
+
+def test_decode_inside_merged_tile():
+    """dkernel D5: a query whose layout row is not the first row of a merged tile must not attend the union of the
+    tile's rows. Single decode queries at several in-block offsets, and a short chunk whose queries span sub-rows
+    0..2 of one 8-row tile (block 16, query tile 128)."""
+    lay = S2Layout(16, 2, 5)
+    for past in (212, 220, 239):
+        q, k, v = make_inputs((1, 1, 2, 64), (1, past + 1, 2, 64), torch.float32, past)
+        run_and_check(lay, q, k, v)
+    q, k, v = make_inputs((1, 40, 2, 64), (1, 240, 2, 64), torch.float32, 11)
+    meta = get_metadata(lay, 2, 40, 240, rows_per_tile=8)
+    assert meta.num_tiles == 1 and meta.last_block - meta.first_block == 2
+    run_and_check(lay, q, k, v)
+
+
+@pytest.mark.parametrize("head_dim", [80, 24, 33])
+def test_head_dims_not_power_of_two(head_dim):
+    """dkernel D1/D2: head dims that are not a power of two (and 2^k+1) are masked correctly. q/k/v are slices of
+    NaN-filled buffers, so reading one dim too far (or another head) poisons the output."""
+    s, h = 192, 2
+    bufs = []
+    for seed, heads in ((12, h), (13, h), (14, h)):
+        buf = torch.full((1, s, heads + 1, 64 if head_dim <= 64 else 128), float("nan"), device=DEVICE)
+        vals = torch.randn(1, s, heads, head_dim, generator=torch.Generator().manual_seed(seed))
+        buf[:, :, :heads, :head_dim] = vals.to(DEVICE)
+        bufs.append(buf[:, :, :heads, :head_dim])
+    run_and_check(S2Layout(32, 2, 3), *bufs)
+
+
+def test_packed_qkv_views_get_gradients():
+    """dkernel D8: q/k/v as views of one packed buffer: the packed gradient is assembled correctly."""
+    qkv = torch.randn(1, 320, 3, 2, 64, generator=torch.Generator().manual_seed(15)).to(DEVICE).requires_grad_()
+    lay = S2Layout(64, 2, 3)
+    out = triton_s2_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lay, sm_scale=0.125)
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    ref_in = qkv.detach().double().requires_grad_()
+    ref, _ = reference_attention(ref_in[:, :, 0], ref_in[:, :, 1], ref_in[:, :, 2], lay, sm_scale=0.125)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.double())
+    assert rel_err(grad, ref_grad) < TOL[torch.float32]
+
+
+def test_dense_layout_same_kernel():
+    q, k, v = make_inputs((1, 256, 2, 64), (1, 256, 2, 64), torch.float32, 16)
+    run_and_check(S2Layout(64, 1, 1), q, k, v)
+
+
+def test_lse_only_gradient_and_tensor_parallel_heads():
+    """Gradient through lse alone (no out gradient), with global head ids of a tensor-parallel rank."""
+    lay = S2Layout(64, 2, 4)
+    heads = dict(head_offset=2, total_heads=4, total_kv_heads=2)
+    q, k, v = make_inputs((1, 384, 2, 64), (1, 384, 1, 64), torch.float32, 17)
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    _, lse = triton_s2_attention(qt, kt, vt, lay, sm_scale=0.125, return_lse=True, **heads)
+    grads = torch.autograd.grad(lse.sum(), (qt, kt, vt))
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    _, ref_lse = reference_attention(q64, k64, v64, lay, sm_scale=0.125, **heads)
+    assert rel_err(lse, ref_lse) < TOL[torch.float32]
+    ref = torch.autograd.grad(ref_lse.sum(), (q64, k64))
+    for a, b in zip(grads, ref):
+        assert rel_err(a, b) < TOL[torch.float32]
+    assert torch.equal(grads[2], torch.zeros_like(v))  # lse does not depend on v
+
+
+def test_torch_compile_fullgraph():
+    lay = S2Layout(64, 2, 3)
+    q, k, v = make_inputs((1, 256, 2, 64), (1, 256, 2, 64), torch.float32, 18)
+
+    def f(q, k, v):
+        return triton_s2_attention(q, k, v, lay, sm_scale=0.125).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    loss = compiled(qt, kt, vt)
+    grads = torch.autograd.grad(loss, (qt, kt, vt))
+    qe, ke, ve = (x.clone().requires_grad_() for x in (q, k, v))
+    ref_loss = f(qe, ke, ve)
+    ref = torch.autograd.grad(ref_loss, (qe, ke, ve))
+    assert torch.allclose(loss, ref_loss)
+    for a, b in zip(grads, ref):
+        assert torch.equal(a, b)
+
+
+def test_layout_registry_and_metadata_cache():
+    """dkernel D7 (a cache that aliases objects): equal layouts share one key and one metadata object; different
+    layouts never do."""
+    a, b, c = S2Layout(64, 2, 3), S2Layout(64, 2, 3), S2Layout(64, 2, 4)
+    assert _op.layout_key(a) == _op.layout_key(b) != _op.layout_key(c)
+    assert get_metadata(a, 2, 256, device=DEVICE) is get_metadata(b, 2, 256, device=DEVICE)
+    assert get_metadata(a, 2, 256, device=DEVICE) is not get_metadata(c, 2, 256, device=DEVICE)
+
+
+def test_bad_inputs_raise():
+    lay = S2Layout(64, 2, 3)
+    q, k, v = make_inputs((1, 64, 2, 64), (1, 64, 2, 64), torch.float32, 19)
+    with pytest.raises(ValueError, match="float64"):
+        triton_s2_attention(q.double(), k.double(), v.double(), lay, sm_scale=0.1)
+    big = torch.zeros(1, 64, 2, 320, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 320"):
+        triton_s2_attention(big, big, big, lay, sm_scale=0.1)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        triton_s2_attention(q, k[:, :, :1].expand(1, 64, 3, 64), v[:, :, :1].expand(1, 64, 3, 64), lay, sm_scale=0.1)
+    cu = torch.tensor([0, 64], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        triton_s2_attention(q[0], k[0], v[0], lay, sm_scale=0.1, cu_seqlens=cu, max_seqlen=65)
+
+
+_restore_interpret_env()  # after this module's kernels are decorated
