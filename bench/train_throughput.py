@@ -67,7 +67,9 @@ def worker(args) -> None:
     trainer = Trainer(cfg, plan_run(cfg))
     try:
         trainer.setup()
-        torch.cuda.reset_peak_memory_stats()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         with ctx:
             result = trainer.train()
         timed = result.step_times_s[args.warmup:]
@@ -77,7 +79,7 @@ def worker(args) -> None:
         peak = peak_flops_per_s(trainer.device, trainer.plan.precision)
         world = trainer.plan.world_size
         mfu = trainer.flops_per_token * tokens_per_s / (peak * world) if peak else None
-        mem = torch.cuda.max_memory_allocated() / 2**30
+        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         mem_t = torch.tensor([mem], device=trainer.device)
         torch.distributed.all_reduce(mem_t, op=torch.distributed.ReduceOp.MAX)
         if trainer.env.is_main:
@@ -86,7 +88,7 @@ def worker(args) -> None:
                    "tokens_per_step": result.tokens_per_step, "step_s_median": step_s,
                    "step_s_all": result.step_times_s, "tokens_per_s": tokens_per_s, "mfu": mfu,
                    "peak_mem_gib": float(mem_t.item()), "losses": result.losses,
-                   "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                    "triton": __import__("triton").__version__, "sdpa_backend": sdpa_backend,
                    "overrides": overrides}
             with open(args.result, "w") as f:
@@ -105,7 +107,7 @@ def run_point(args, seq, variant) -> dict:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--tp", str(args.tp), "--pp", str(args.pp),
             "--dp", str(args.nproc // (args.tp * args.pp)), "--result", result,
             "--tokens-per-step", str(args.tokens_per_step or 0)]
-    if args.recompute_from and seq >= args.recompute_from:
+    if args.recompute_from and seq >= int(args.recompute_from):
         cmd += ["--recompute"]
     cmd += ["--extra", *args.extra] if args.extra else []
     print("+", shlex.join(cmd), flush=True)
@@ -184,11 +186,13 @@ def main():
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--recompute-from", type=int, default=32768,
-                    help="use full activation recompute at and above this length (0: never)")
+    ap.add_argument("--recompute-from", default="auto",
+                    help="full activation recompute at and above this length (0: never; auto: 32768 on cards with "
+                         "less than 100 GiB, where 1.3b at 32k does not fit without it, else never)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--point-timeout", type=int, default=600)
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every point")
+    ap.add_argument("--from-json", help="only rewrite the table and plot from an earlier run's JSON")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -199,6 +203,13 @@ def main():
         args.seq = args.seq[0]
         return worker(args)
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.recompute_from == "auto":
+        import torch
+        big = torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= 100 * 2**30
+        args.recompute_from = 0 if big else 32768
+    if args.from_json:
+        with open(args.from_json) as f:
+            return write_report(json.load(f), args.out_dir)
     rows = [run_point(args, seq, variant) for seq in args.seq for variant in args.variants]
     write_report(rows, args.out_dir)
 

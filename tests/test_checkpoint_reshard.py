@@ -30,8 +30,9 @@ def _worker(rank, world_size, reference_ckpt, cache, base):
                     cache_dir=cache)
     results["dp2_distopt_resumed"] = resumed.losses
     # the distributed optimizer's state reshards too: DP2 -> TP2 (dp 1)
-    results["dp2_distopt_to_tp2"] = train(STEPS + dp2 + ["parallel.tp=2", f"train.resume_from={base}/dp2/ckpt/iter_0000002"],
-                                          out_dir=f"{base}/dp2_to_tp2", cache_dir=cache).losses
+    results["dp2_distopt_to_tp2"] = train(
+        STEPS + dp2 + ["parallel.tp=2", f"train.resume_from={base}/dp2/ckpt/iter_0000002"],
+        out_dir=f"{base}/dp2_to_tp2", cache_dir=cache).losses
     return results
 
 

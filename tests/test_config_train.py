@@ -82,7 +82,8 @@ def test_public_override_names():
 
 
 @pytest.mark.parametrize("overrides, world_size, needles", [
-    (["train.global_batch=10", "train.micro_batch=4"], 1, ["train.global_batch=10", "micro_batch * dp = 4 * 1", "multiples of 4"]),
+    (["train.global_batch=10", "train.micro_batch=4"], 1,
+     ["train.global_batch=10", "micro_batch * dp = 4 * 1", "multiples of 4"]),
     (["train.global_batch=8", "train.micro_batch=4"], 4, ["train.global_batch=8", "4 * 4 = 16"]),
     (["parallel.tp=3"], 3, ["parallel.tp=3", "num_attention_heads=4", "valid tp: [1, 2, 4]"]),
     (["parallel.tp=2"], 3, ["world size 3", "tp * parallel.pp = 2 * 1"]),

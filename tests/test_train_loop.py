@@ -113,3 +113,20 @@ def test_lr_schedule_warmup_cosine_and_param_groups():
         param_groups = [{"wd_mult": 1.0, "lr_mult": 1.0}, {"wd_mult": 0.0, "lr_mult": 0.5, "max_lr": 2.0}]
     assert sched.apply(Opt, 3) == 1.0
     assert [(g["lr"], g["weight_decay"]) for g in Opt.param_groups] == [(1.0, 0.5), (1.0, 0.0)]
+
+
+def test_train_py_multirun_gives_each_job_its_own_out_dir(tmp_path, cache):
+    import subprocess
+    import sys
+
+    from test_train_harness import REPO, SMALL
+
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "train.py", "--multirun", "train.steps=1,2", *SMALL,
+                           f"data.cache_dir={cache}", f"train.out_dir={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, steps in ((0, 1), (1, 2)):
+        records = read_metrics(out / str(job))
+        assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, steps + 1))
+        assert (out / str(job) / ".hydra" / "overrides.yaml").is_file()

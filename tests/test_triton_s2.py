@@ -311,8 +311,14 @@ def test_lse_only_gradient_and_tensor_parallel_heads():
     assert torch.equal(grads[2], torch.zeros_like(v))  # lse does not depend on v
 
 
-def test_torch_compile_fullgraph():
-    lay = S2Layout(64, 2, 3)
+@pytest.mark.parametrize("custom", [False, True])
+def test_torch_compile_fullgraph(custom):
+    """The op compiles into one graph with its backward (an S2Layout, or a custom layout already used eagerly)."""
+    if custom:
+        lay = BlockMaskLayout(torch.tril(torch.ones(1, 4, 4, dtype=torch.bool)), block_size=64)
+        triton_s2_attention(*make_inputs((1, 64, 2, 64), (1, 64, 2, 64), torch.float32, 20), lay, sm_scale=0.125)
+    else:
+        lay = S2Layout(64, 2, 3)
     q, k, v = make_inputs((1, 256, 2, 64), (1, 256, 2, 64), torch.float32, 18)
 
     def f(q, k, v):

@@ -10,11 +10,12 @@ optimizer), step (one step / evaluation through megatron-core's pipeline schedul
 """
 from .config import ConfigError, RunPlan, plan_run
 
-__all__ = ["ConfigError", "RunPlan", "Trainer", "TrainResult", "plan_run", "run"]
+__all__ = ["ConfigError", "RunPlan", "Trainer", "TrainResult", "load_for_eval", "plan_run", "quiet_import_warnings",
+           "run"]
 
 
 def __getattr__(name):
-    # The loop imports megatron-core (slow); load it only when asked for.
+    # Keeps `import s2megatron.training` light: train.py validates the config before anything heavy is loaded.
     if name in ("Trainer", "TrainResult", "run", "load_for_eval", "quiet_import_warnings"):
         from . import trainer
         return getattr(trainer, name)

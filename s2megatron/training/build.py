@@ -27,11 +27,10 @@ def build_transformer_config(cfg: Mapping, plan: RunPlan):
     averaged per token over the whole global batch (``calculate_per_token_loss``)."""
     from ..model import transformer_config_from_cfg
 
-    config = transformer_config_from_cfg(_plain(cfg.model), _plain(cfg.parallel), precision=plan.precision,
-                                         recompute=cfg.train.recompute,
-                                         recompute_num_layers=cfg.train.recompute_num_layers,
-                                         overrides={"calculate_per_token_loss": True})
-    return config
+    return transformer_config_from_cfg(_plain(cfg.model), _plain(cfg.parallel), precision=plan.precision,
+                                       recompute=cfg.train.recompute,
+                                       recompute_num_layers=cfg.train.recompute_num_layers,
+                                       overrides={"calculate_per_token_loss": True})
 
 
 def build_model(cfg: Mapping, plan: RunPlan, config, *, vocab_size: int, device: torch.device,
@@ -68,7 +67,8 @@ def build_model(cfg: Mapping, plan: RunPlan, config, *, vocab_size: int, device:
         use_distributed_optimizer=bool(cfg.parallel.get("distributed_optimizer", False)),
         check_for_nan_in_grad=True,
     )
-    # Only the first chunk gets bucketing: later chunks' grads are reduced at the end of the step.
+    # Chunks after the first reduce their grads as one bucket: under the interleaved schedule that reduce already
+    # overlaps with the other chunks' compute (as in Megatron-LM).
     return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)]
 

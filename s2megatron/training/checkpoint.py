@@ -253,7 +253,9 @@ class CheckpointManager:
             if problem:
                 break
             entry, fpath = files[name], os.path.join(path, name)
-            if not os.path.isfile(fpath):
+            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and "sha256" in entry):
+                problem = f"{manifest_path}: malformed entry for {name}"
+            elif not os.path.isfile(fpath):
                 problem = f"{fpath}: missing"
             elif os.path.getsize(fpath) != entry["size"]:
                 problem = f"{fpath}: size {os.path.getsize(fpath)} bytes, manifest says {entry['size']} (truncated?)"
@@ -314,8 +316,6 @@ class CheckpointManager:
             for stale in os.listdir(self.root):   # earlier saves killed midway
                 if stale.endswith(".tmp") and os.path.isdir(os.path.join(self.root, stale)):
                     shutil.rmtree(os.path.join(self.root, stale), ignore_errors=True)
-            if os.path.isdir(final):               # re-saving the same iteration: the old copy goes last
-                os.rename(final, final + ".old.tmp")
             os.makedirs(tmp)
         _barrier()
         dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=sharded_strategy)
@@ -346,6 +346,8 @@ class CheckpointManager:
             _fsync_dir(dirpath)
         write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
         _fsync_dir(tmp)
+        if os.path.isdir(final):   # re-saving an iteration (e.g. after train.resume=false): swap in the new copy
+            os.rename(final, final + ".old.tmp")
         os.rename(tmp, final)
         _fsync_dir(self.root)
         with open(os.path.join(self.root, LATEST + ".tmp"), "w") as f:

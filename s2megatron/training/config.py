@@ -192,14 +192,15 @@ def plan_run(cfg: Mapping, *, world_size: Optional[int] = None, device_type: Opt
             num_microbatches = gb // (mb * dp)
             if vpp and num_microbatches % pp:
                 err.add(f"the interleaved pipeline (parallel.vpp={vpp}) needs the micro-batches per step, "
-                        f"global_batch / (micro_batch * dp) = {num_microbatches}, to be a multiple of parallel.pp={pp}; "
-                        f"valid global_batch: multiples of {pp * mb * dp}")
+                        f"global_batch / (micro_batch * dp) = {num_microbatches}, to be a multiple of "
+                        f"parallel.pp={pp}; valid global_batch: multiples of {pp * mb * dp}")
 
     # --- model
     m = lambda key: _get(cfg, f"model.{key}")  # noqa: E731
     layers, heads, hidden = m("num_layers"), m("num_attention_heads"), m("hidden_size")
     groups = m("num_query_groups") or heads
-    ok_model = (err.int_at_least("model.num_layers", layers, 1) & err.int_at_least("model.num_attention_heads", heads, 1)
+    ok_model = (err.int_at_least("model.num_layers", layers, 1)
+                & err.int_at_least("model.num_attention_heads", heads, 1)
                 & err.int_at_least("model.hidden_size", hidden, 1))
     if ok_model:
         if isinstance(groups, int) and heads % groups:

@@ -376,7 +376,8 @@ class Trainer:
                    "passkey_accuracy": (result.passkey or {}).get("accuracy"),
                    "resumed_from": result.resumed_from, "stopped_by_signal": result.stopped_by_signal,
                    "wall_s": result.wall_s,
-                   "mean_step_s": (sum(result.step_times_s) / len(result.step_times_s)) if result.step_times_s else None}
+                   "mean_step_s": (sum(result.step_times_s) / len(result.step_times_s)
+                                   if result.step_times_s else None)}
         with open(os.path.join(self.cfg.train.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         if result.validation:

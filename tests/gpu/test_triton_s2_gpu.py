@@ -126,21 +126,23 @@ def test_cuda_graph_capture():
     """Forward + backward capture in a CUDA graph (no host-device synchronisation once metadata is cached)."""
     gen = torch.Generator(device=DEV).manual_seed(2)
     lay = S2Layout(64, 4, 8)
-    q, k, v = (_randn((1, 2048, 4, 128), torch.bfloat16, gen).requires_grad_() for _ in range(3))
+    q, k, v = (_randn((1, 2048, 4, 128), torch.bfloat16, gen) for _ in range(3))
     dout = _randn((1, 2048, 4, 128), torch.bfloat16, gen)
 
     def step():
-        out = triton_s2_attention(q, k, v, lay, sm_scale=0.088)
-        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+        # fresh leaves per call, so no autograd node outlives the stream it was made on
+        qi, ki, vi = (x.detach().requires_grad_() for x in (q, k, v))
+        out = triton_s2_attention(qi, ki, vi, lay, sm_scale=0.088)
+        return (out, *torch.autograd.grad(out, (qi, ki, vi), dout))
 
-    eager = step()  # builds and caches the metadata
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = step()  # builds and caches the metadata
         step()
-    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         static = step()
     graph.replay()
     torch.cuda.synchronize()

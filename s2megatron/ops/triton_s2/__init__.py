@@ -50,7 +50,8 @@ def triton_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if max_seqlen is not None and not 1 <= max_seqlen <= q.shape[0]:
             raise ValueError(f"max_seqlen={max_seqlen} must lie in 1..T={q.shape[0]}")
-    layout.resolve(shape.num_heads, shape.num_kv_heads, head_offset, total_heads, total_kv_heads)
+    if not torch.compiler.is_compiling():  # under torch.compile the op validates the heads when it runs
+        layout.resolve(shape.num_heads, shape.num_kv_heads, head_offset, total_heads, total_kv_heads)
     out, lse = s2_fwd_op(q, k, v, cu_seqlens, layout_key(layout), float(sm_scale), int(max_seqlen or 0),
                          int(head_offset), int(total_heads or 0), int(total_kv_heads or 0))
     return (out, lse) if return_lse else out

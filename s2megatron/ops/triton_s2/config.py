@@ -31,10 +31,13 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int = 2) -> TileConfig:
+def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int = 2,
+                gather_keys: bool = True) -> TileConfig:
     """Tiles for layout block ``block_size`` and ``head_dim``; ``merge_q`` False (a layout that is not
     KV-cache efficient) keeps one layout block per query tile and per dK/dV key tile. ``elem_bytes`` 4 (float32
-    inputs) drops software pipelining so the tiles fit in shared memory.
+    inputs) drops software pipelining so the tiles fit in shared memory. ``gather_keys`` False keeps key tiles
+    within one layout block (no gathering of small blocks into one key tile): for row lists read from memory,
+    whose gathered form computed wrong results on an H200 with software pipelining (triton 3.6).
 
     Measured on an H200 (L16V16, block 64, 32k, head dim 128): forward 128x64 tiles, 8 warps, 3 stages (2.91 ms;
     64-key tiles with 2 stages 3.40, 128-key tiles 3.17, 4 warps 8.27); dQ 64-key tiles with 3 stages (-1.1 ms vs 2);
@@ -44,6 +47,8 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
     big = block_d(head_dim) > 128
     block_m = max(64 if big else 128, block_size) if merge_q else block_size
     block_n = 32 if big else 64
+    if not gather_keys:
+        block_n = min(block_n, block_size)
     dkdv_n, dkdv_m = (32, 64) if big else (64, 32)
     if not merge_q:  # the column list walk handles one layout block per key tile / query chunk
         dkdv_n = min(dkdv_n, block_size)

@@ -2,8 +2,9 @@
 
 Terms (see ``s2megatron/sparsity/metadata.py``): a *query tile* is ``BLOCK_M = rows_per_tile * BS`` consecutive query
 positions starting at absolute block ``first_block + tile * rows_per_tile``; its *row list* holds the kept key blocks
-(union over the tile's rows, Merge-Q) and, per entry, the last row of the tile that keeps it (``row_last``). A *key
-tile* of the dK/dV pass is ``BLOCK_N`` consecutive key positions; its query rows come from the column lists.
+(union over the tile's rows, Merge-Q) and, per entry, the last row of the tile that keeps it (``row_last``); for an
+S2Layout the kernels compute that list from the pattern formula instead of loading it (``ANALYTIC``). A *key tile* of
+the dK/dV pass is ``BLOCK_N`` consecutive key positions; its query rows come from the column lists.
 
 Positions are absolute within a sequence (a KV prefix of ``past = kv_len - q_len`` tokens precedes the queries; a
 packed varlen sequence starts at position 0 and token ``cu_seqlens[b]``). Scores are kept in base 2: ``qk_scale`` is

@@ -17,19 +17,47 @@ from ...sparsity.metadata import BlockMetadata, get_metadata
 from . import config as _config
 from . import kernels as _kernels
 
-_LAYOUTS: dict = {}
-_KEYS: dict = {}
+_LAYOUTS: dict = {}    # key -> layout
+_KEYS: dict = {}       # layout -> key (equal layouts share a key)
+_MASK_KEYS: dict = {}  # BlockMaskLayout fingerprint -> key, for lookups under torch.compile
 
 
-@torch._dynamo.assume_constant_result
-def layout_key(layout: Layout) -> int:
-    """A stable integer for ``layout`` (equal layouts share one), registering it on first use."""
+def _register(layout: Layout) -> int:
     key = _KEYS.get(layout)
     if key is None:
         key = len(_LAYOUTS)
         _LAYOUTS[key] = layout
         _KEYS[layout] = key
+        if not isinstance(layout, S2Layout):
+            _MASK_KEYS[("mask", *layout._key)] = key
     return key
+
+
+@torch._dynamo.assume_constant_result
+def _s2_key(*fields) -> int:
+    return _register(S2Layout(*fields))
+
+
+@torch._dynamo.assume_constant_result
+def _mask_key(*fingerprint) -> int:
+    key = _MASK_KEYS.get(fingerprint)
+    if key is None:
+        raise ValueError("a BlockMaskLayout used under torch.compile must have been used once eagerly (its mask is "
+                         "a tensor, which the compiled graph cannot carry as a constant)")
+    return key
+
+
+def layout_key(layout: Layout) -> int:
+    """A stable integer for ``layout`` (equal layouts share one), registering it on first use.
+
+    Under torch.compile only plain values reach the constant-folded helpers (Dynamo cannot rebuild a frozen
+    dataclass from its trace), so an S2Layout is passed as its fields."""
+    if isinstance(layout, S2Layout):
+        return _s2_key(layout.block_size, layout.local_blocks, layout.vert_stride, layout.head_sliding,
+                       layout.sliding_offset, layout.num_dense_heads, layout.per_kv_head)
+    if torch.compiler.is_compiling():
+        return _mask_key("mask", *layout._key)
+    return _register(layout)
 
 
 @lru_cache(maxsize=256)
@@ -67,14 +95,15 @@ class _Plan:
         self.group = self.num_heads // self.num_kv_heads
         self.block_size = layout.block_size
         self.merge_q = _merge_allowed(layout)
-        self.cfg = _config.tile_config(self.block_size, self.head_dim, self.merge_q, q.element_size())
+        # S2 row lists are computed in the kernels from the pattern formula; custom layouts read the metadata
+        self.analytic = isinstance(layout, S2Layout)
+        self.cfg = _config.tile_config(self.block_size, self.head_dim, self.merge_q, q.element_size(),
+                                       gather_keys=self.analytic)
         self.block_d = _config.block_d(self.head_dim)
         self.meta: BlockMetadata = get_metadata(
             layout, self.num_heads, self.q_len, self.kv_len, num_kv_heads=self.num_kv_heads,
             head_offset=head_offset, total_heads=total_heads or None, total_kv_heads=total_kv_heads or None,
             device=q.device, rows_per_tile=self.cfg.block_m // self.block_size)
-        # S2 row lists are computed in the kernels from the pattern formula; custom layouts read the metadata
-        self.analytic = isinstance(layout, S2Layout)
         if self.analytic:
             self.residues = _residues(layout, self.num_heads, self.num_kv_heads, head_offset, total_heads or None,
                                       total_kv_heads or None, self.meta.head_to_pattern.device)
