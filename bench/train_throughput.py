@@ -32,8 +32,36 @@ VARIANTS = {
     "dense_fa2": (["sparsity=dense", "attention.backend=sdpa"], "FLASH_ATTENTION"),
     "dense_ours": (["sparsity=dense", "attention.backend=triton"], None),
     "s2": (["sparsity=l16v16", "attention.backend=triton"], None),
-    "hybrid": (["sparsity=hybrid", "attention.backend=triton"], None),
+    # hybrid: sparse layers through the Triton kernels, its dense layers through SDPA (attention.backend=auto)
+    "hybrid": (["sparsity=hybrid", "attention.backend=auto"], None),
 }
+
+# Kernel-name fragments -> category, for the per-step profile (first match wins).
+KERNEL_CATEGORIES = (
+    ("attention fwd (S2 Triton)", ("s2_fwd_kernel",)),
+    ("attention bwd (S2 Triton)", ("s2_bwd",)),
+    ("attention (SDPA cuDNN/flash)", ("cudnn", "fmha", "flash", "sdpa", "attention")),
+    ("GEMM", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90", "sm80")),
+    ("NCCL", ("nccl",)),
+)
+
+
+def profile_summary(prof, steps: int) -> dict:
+    """CUDA time per step by kernel category, plus the top kernels, from a torch.profiler run over ``steps``."""
+    per_cat, top = {}, []
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(evt, "self_cuda_time_total", 0)
+        if not dev_us:
+            continue
+        name = evt.key
+        cat = next((c for c, frags in KERNEL_CATEGORIES if any(f in name.lower() for f in frags)), "other")
+        per_cat[cat] = per_cat.get(cat, 0.0) + dev_us / 1e3 / steps
+        top.append((dev_us / 1e3 / steps, name[:90]))
+    top.sort(reverse=True)
+    return {"ms_per_step_by_category": {k: round(v, 2) for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms_per_step": [(round(t, 2), n) for t, n in top[:12]]}
 
 
 def worker(args) -> None:
@@ -70,7 +98,11 @@ def worker(args) -> None:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        with ctx:
+        prof_ctx = contextlib.nullcontext()
+        if args.profile and cuda:
+            from torch.profiler import ProfilerActivity, profile
+            prof_ctx = profile(activities=[ProfilerActivity.CUDA])
+        with ctx, prof_ctx as prof:
             result = trainer.train()
         timed = result.step_times_s[args.warmup:]
         step_s = statistics.median(timed)
@@ -91,6 +123,8 @@ def worker(args) -> None:
                    "card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                    "triton": __import__("triton").__version__, "sdpa_backend": sdpa_backend,
                    "overrides": overrides}
+            if args.profile and cuda:
+                row["profile"] = profile_summary(prof, len(result.step_times_s))
             with open(args.result, "w") as f:
                 json.dump(row, f)
     finally:
@@ -106,7 +140,7 @@ def run_point(args, seq, variant) -> dict:
     cmd += [os.path.abspath(__file__), "--worker", "--model", args.model, "--seq", str(seq), "--variant", variant,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--tp", str(args.tp), "--pp", str(args.pp),
             "--dp", str(args.nproc // (args.tp * args.pp)), "--result", result,
-            "--tokens-per-step", str(args.tokens_per_step or 0)]
+            "--tokens-per-step", str(args.tokens_per_step or 0)] + (["--profile"] if args.profile else [])
     if args.recompute_from and seq >= int(args.recompute_from):
         cmd += ["--recompute"]
     cmd += ["--extra", *args.extra] if args.extra else []
@@ -123,12 +157,12 @@ def run_point(args, seq, variant) -> dict:
     return row
 
 
-def write_report(rows, out_dir):
+def write_report(rows, out_dir, tag=""):
     ok = [r for r in rows if "error" not in r]
     card = ok[0]["card"] if ok else "unknown"
     slug = card.replace("NVIDIA ", "").replace(" ", "_")
     model = rows[0]["model"]
-    stem = os.path.join(out_dir, f"train_throughput_{model}_{slug}")
+    stem = os.path.join(out_dir, f"train_throughput_{model}_{slug}{'_' + tag if tag else ''}")
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     lines = [f"# Training throughput, model {model}, {card}", ""]
@@ -149,6 +183,15 @@ def write_report(rows, out_dir):
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             lines.append(f"| {seq} | {name} | {r['tokens_per_s']:,.0f} | {rel[0]} | {rel[1]} | {mfu} | "
                          f"{r['peak_mem_gib']:.1f} | {r['recompute'] or '-'} |")
+    profiled = [r for r in ok if r.get("profile")]
+    if profiled:
+        lines += ["", "GPU time per step by kernel category (torch.profiler, ms; averaged over all steps):", "",
+                  "| seq | variant | step ms (median) | " + " | ".join(c for c, _ in KERNEL_CATEGORIES) + " | other |",
+                  "|---|---|---|" + "---|" * (len(KERNEL_CATEGORIES) + 1)]
+        for r in profiled:
+            cats = r["profile"]["ms_per_step_by_category"]
+            cells = [f"{cats.get(c, 0):.0f}" for c, _ in KERNEL_CATEGORIES] + [f"{cats.get('other', 0):.0f}"]
+            lines.append(f"| {r['seq']} | {r['variant']} | {r['step_s_median'] * 1e3:.0f} | " + " | ".join(cells) + " |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -192,6 +235,9 @@ def main():
     ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--point-timeout", type=int, default=600)
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every point")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile every step (CUDA kernels) and report time per step by kernel category")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument("--from-json", help="only rewrite the table and plot from an earlier run's JSON")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -209,9 +255,9 @@ def main():
         args.recompute_from = 0 if big else 32768
     if args.from_json:
         with open(args.from_json) as f:
-            return write_report(json.load(f), args.out_dir)
+            return write_report(json.load(f), args.out_dir, args.tag)
     rows = [run_point(args, seq, variant) for seq in args.seq for variant in args.variants]
-    write_report(rows, args.out_dir)
+    write_report(rows, args.out_dir, args.tag)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,18 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, *, dense: bool = False, sdpa_ok: bool = False) -> str:
+    """The backend that runs: ``auto`` takes SDPA (cuDNN/flash) for dense layers on CUDA where it can (no lse, no
+    varlen), the Triton kernels for the rest on CUDA, and the reference elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend != "auto":
         return backend
-    return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if device.type != "cuda":
+        return "reference"
+    if dense and sdpa_ok:
+        return "sdpa"
+    return "triton" if triton_available() else "reference"
 
 
 def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, sm_scale: Optional[float] = None,
@@ -45,14 +51,14 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
     counts (tensor parallelism); they pick each head's pattern (S2_PATTERN.md).
 
     Returns out in q's dtype and shape, and with ``return_lse`` also lse float32 ``[B, Hq, S]`` (``[Hq, T]`` varlen);
-    lse is differentiable. ``backend``: ``auto`` (Triton on CUDA, else reference), ``triton``, ``reference``,
-    ``sdpa`` (dense layouts only). Raises ValueError on bad shapes, dtypes, head counts or cu_seqlens.
+    lse is differentiable. ``backend``: ``auto`` (on CUDA: SDPA for dense layouts where it applies, Triton
+    otherwise; the reference elsewhere), ``triton``, ``reference``, ``sdpa`` (dense layouts only). Raises ValueError on bad shapes, dtypes, head counts or cu_seqlens.
     """
     if not isinstance(layout, Layout):
         raise ValueError(f"layout must be an S2Layout or BlockMaskLayout, got {type(layout).__name__}")
     shape = check_inputs(q, k, v, cu_seqlens)
     sm_scale = 1.0 / math.sqrt(shape.head_dim) if sm_scale is None else float(sm_scale)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, dense=layout.is_dense, sdpa_ok=cu_seqlens is None and not return_lse)
     heads = dict(head_offset=head_offset, total_heads=total_heads, total_kv_heads=total_kv_heads)
     layout.resolve(shape.num_heads, shape.num_kv_heads, **heads)  # validate head counts early, whatever the backend
     if name == "reference":
