@@ -15,6 +15,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import pyplot, write_markdown  # noqa: E402
 VARIANTS = {"dense": ["sparsity=dense"], "s2_l16v16": ["sparsity=l16v16"], "hybrid": ["sparsity=hybrid"]}
 
 
@@ -88,15 +90,9 @@ def main():
         val = (s.get("validation") or {}).get("loss", float("nan"))
         lines.append(f"| {name} | {r['curve'][-1][1]:.4f} | {val:.4f} | "
                      f"{'n/a' if acc is None else f'{acc:.1%}'} |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
+    write_markdown(stem + ".md", lines)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in rows.items():

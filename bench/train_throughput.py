@@ -26,6 +26,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import pyplot, write_markdown  # noqa: E402
 
 VARIANTS = {
     "dense_cudnn": (["sparsity=dense", "attention.backend=sdpa"], "CUDNN_ATTENTION"),
@@ -192,15 +194,9 @@ def write_report(rows, out_dir, tag=""):
             cats = r["profile"]["ms_per_step_by_category"]
             cells = [f"{cats.get(c, 0):.0f}" for c, _ in KERNEL_CATEGORIES] + [f"{cats.get('other', 0):.0f}"]
             lines.append(f"| {r['seq']} | {r['variant']} | {r['step_s_median'] * 1e3:.0f} | " + " | ".join(cells) + " |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
+    write_markdown(stem + ".md", lines)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     seqs = sorted({r["seq"] for r in ok})

@@ -1,0 +1,21 @@
+"""Shared output helpers of the benchmarks: the markdown table file and an optional matplotlib."""
+from __future__ import annotations
+
+
+def write_markdown(path: str, lines) -> None:
+    """Write ``lines`` as a markdown file and echo them."""
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) where matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return None
+    return plt
