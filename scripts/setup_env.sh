@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP="$VENV/.s2megatron-installed"
-want=$(sha256sum pyproject.toml | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import s2megatron, torch, megatron.core" 2>/dev/null; then
     exit 0
@@ -42,6 +42,6 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" > "$constraints"
 if ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then echo "triton==3.7.1" >> "$constraints"; fi
-PIP_CONSTRAINT="$constraints" "${PIP[@]}" -e ".[dev]"
+PIP_CONSTRAINT="$constraints" "${PIP[@]}" -e ".[dev,plot]"
 echo "$want" > "$STAMP"
 echo "setup: $VENV ready (torch $torch_version)" >&2
