@@ -136,3 +136,16 @@ def test_bad_dtype_backend_and_layout():
         s2_attention(x, x, x, {"block_size": 16})
     with pytest.raises(ValueError, match="share a dtype"):
         s2_attention(x, x.double(), x, S2Layout(16, 1, 2))
+
+
+def test_auto_backend_choice(monkeypatch):
+    import s2megatron.ops as ops
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ops.resolve_backend("auto", cpu, dense=True, sdpa_ok=True) == "reference"
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    assert ops.resolve_backend("auto", cuda, dense=True, sdpa_ok=True) == "sdpa"       # dense layers: cuDNN/flash
+    assert ops.resolve_backend("auto", cuda, dense=True, sdpa_ok=False) == "triton"    # lse or varlen: our kernel
+    assert ops.resolve_backend("auto", cuda, dense=False, sdpa_ok=True) == "triton"
+    assert ops.resolve_backend("triton", cuda, dense=True, sdpa_ok=True) == "triton"   # explicit choice wins
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    assert ops.resolve_backend("auto", cuda, dense=False) == "reference"
