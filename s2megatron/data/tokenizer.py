@@ -22,7 +22,6 @@ meta-symbol U+2581 "▁", which decodes to a space).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from typing import List, Optional, Sequence, Union
 import sentencepiece as spm
 
 from s2megatron.data.textio import PathLike, iter_text_lines, normalize_input_paths
+from s2megatron.fileio import file_sha256
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 _NUM_BYTE_PIECES = 256
@@ -133,15 +133,6 @@ def _atomic_write(path: str, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def file_sha256(path: PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class S2Tokenizer:

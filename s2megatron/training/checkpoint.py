@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from ..fileio import file_sha256
 
 log = logging.getLogger("s2megatron")
 
@@ -97,14 +98,6 @@ def write_json_atomic(path: str, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _list_files(root: str) -> List[str]:
@@ -259,7 +252,7 @@ class CheckpointManager:
                 problem = f"{fpath}: missing"
             elif os.path.getsize(fpath) != entry["size"]:
                 problem = f"{fpath}: size {os.path.getsize(fpath)} bytes, manifest says {entry['size']} (truncated?)"
-            elif self.verify_sha256 and _sha256(fpath) != entry["sha256"]:
+            elif self.verify_sha256 and file_sha256(fpath) != entry["sha256"]:
                 problem = f"{fpath}: sha256 differs from the manifest (corrupted)"
         problems = [p for p in _all_gather(problem) if p]
         return problems[0] if problems else None
@@ -331,7 +324,7 @@ class CheckpointManager:
         mine = files[_rank()::_world()]
         entries = {}
         for part in _all_gather({f: {"size": os.path.getsize(os.path.join(tmp, f)),
-                                     "sha256": _sha256(os.path.join(tmp, f))} for f in mine}):
+                                     "sha256": file_sha256(os.path.join(tmp, f))} for f in mine}):
             entries.update(part)
         if _rank() == 0:
             self._finalize(tmp, final, name, {"iteration": iteration, "files": entries})
