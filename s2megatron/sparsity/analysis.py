@@ -6,7 +6,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 from .layout import Layout, S2Layout
 from .metadata import get_metadata
@@ -39,10 +38,8 @@ def density(layout: Layout, num_heads: int, seq_len: int, *, num_kv_heads: Optio
     nb = math.ceil(seq_len / layout.block_size)
     causal = num_heads * nb * (nb + 1) // 2
     kept = meta.kept_blocks()
-    # union over the patterns: a key block j is covered for row i if some pattern keeps it
-    used = sorted(set(meta.head_to_pattern.tolist()))
-    covered = torch.zeros(nb, nb, dtype=torch.bool)
-    union = meta.row_dense()[used].any(0) if len(used) else covered
+    # union over the patterns (every pattern in the metadata belongs to some local head)
+    union = meta.row_dense().any(0)
     complete = bool(union.sum() == nb * (nb + 1) // 2)
     if warn and not complete:
         missing = 1 - int(union.sum()) / (nb * (nb + 1) // 2)
