@@ -140,10 +140,10 @@ def sweep_configs(layout, n):
     """Forward / backward time of alternative tile shapes (each kernel varied alone)."""
     base = tile_cfg.tile_config
     variants = [dict()]
-    variants += [dict(fwd_stages=4), dict(block_m=64, fwd_warps=4, dq_warps=4)]
-    variants += [dict(dq_block_n=bn, dq_warps=w, dq_stages=s) for bn, w, s in ((64, 8, 4), (32, 8, 3), (64, 4, 3))]
+    variants += [dict(fwd_stages=4), dict(block_n=128, fwd_stages=2), dict(block_m=64, fwd_warps=4, dq_warps=4)]
+    variants += [dict(dq_block_n=bn, dq_warps=w, dq_stages=s) for bn, w, s in ((64, 8, 4), (32, 8, 3))]
     variants += [dict(dkdv_block_n=bn, dkdv_block_m=bm, dkdv_warps=w, dkdv_stages=s) for bn, bm, w, s in
-                 ((64, 32, 4, 3), (64, 16, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2))]
+                 ((64, 32, 4, 3), (64, 16, 4, 2), (64, 16, 4, 3), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2))]
     for over in variants:
         def patched(bs, hd, mq, eb=2, gather_keys=True, _o=over):
             cfg = base(bs, hd, mq, eb, gather_keys)
@@ -152,6 +152,7 @@ def sweep_configs(layout, n):
         try:
             r = ours(layout, n)
             r["bwd_ms"] = r["fwdbwd_ms"] - r["fwd_ms"]
+            r["kernel_ms"] = {k: v for k, v in profile_split(layout, n).items() if k.startswith("s2_")}
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a tile shape
             r = {"error": str(e)[:160]}
         r["override"] = over

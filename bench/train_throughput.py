@@ -50,7 +50,7 @@ KERNEL_CATEGORIES = (
 
 def profile_summary(prof, steps: int) -> dict:
     """CUDA time per step by kernel category, plus the top kernels, from a torch.profiler run over ``steps``."""
-    per_cat, top = {}, []
+    per_cat, top, ops = {}, [], []
     for evt in prof.key_averages():
         dev_us = getattr(evt, "self_device_time_total", None)
         if dev_us is None:
@@ -58,12 +58,46 @@ def profile_summary(prof, steps: int) -> dict:
         if not dev_us:
             continue
         name = evt.key
+        if name.startswith("ProfilerStep") or getattr(evt, "is_user_annotation", False) or "#" in name:
+            continue  # ranges (a whole step, the optimizer step), not kernels
+        if evt.device_type.name != "CUDA":  # a CPU op: the kernels it launched itself (who spends the time)
+            ops.append((dev_us / 1e3 / steps, evt.count // steps, name[:90]))
+            continue
         cat = next((c for c, frags in KERNEL_CATEGORIES if any(f in name.lower() for f in frags)), "other")
         per_cat[cat] = per_cat.get(cat, 0.0) + dev_us / 1e3 / steps
-        top.append((dev_us / 1e3 / steps, name[:90]))
+        top.append((dev_us / 1e3 / steps, name[:160]))
     top.sort(reverse=True)
+    ops.sort(reverse=True)
     return {"ms_per_step_by_category": {k: round(v, 2) for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms_per_step": [(round(t, 2), n) for t, n in top[:12]]}
+            "top_kernels_ms_per_step": [(round(t, 2), n) for t, n in top[:30]],
+            "top_ops_ms_per_step": [(round(t, 2), c, n) for t, c, n in ops[:30]]}
+
+
+def idle_summary(prof, steps: int, min_gap_us: float = 20.0) -> dict:
+    """GPU idle time per step (gaps between kernels longer than ``min_gap_us``) and, per gap, the innermost CPU
+    operator running at its midpoint: where the host keeps the GPU waiting. The profiler's own overhead lengthens
+    host time, so these are upper bounds."""
+    events = [e for e in prof.events() if not e.name.startswith("ProfilerStep") and "#" not in e.name]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    if not kernels:
+        return {}
+    gaps, end = [], kernels[0][1]
+    for start, stop in kernels[1:]:
+        if start - end > min_gap_us:
+            gaps.append((end, start))
+        end = max(end, stop)
+    host = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type.name == "CPU" and not e.name.startswith("cuda")), key=lambda t: t[0])
+    by_op = {}
+    for g0, g1 in gaps:
+        mid = (g0 + g1) / 2
+        inner = [h for h in host if h[0] <= mid <= h[1]]
+        name = min(inner, key=lambda h: h[1] - h[0])[2] if inner else "(no operator: host between ops)"
+        by_op[name] = by_op.get(name, 0.0) + (g1 - g0)
+    total = sum(g1 - g0 for g0, g1 in gaps)
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
+    return {"idle_ms_per_step": round(total / 1e3 / steps, 2), "gaps_per_step": len(gaps) // max(steps, 1),
+            "idle_by_host_op_ms_per_step": [(round(t / 1e3 / steps, 2), n[:90]) for n, t in top]}
 
 
 def worker(args) -> None:
@@ -102,9 +136,13 @@ def worker(args) -> None:
             torch.cuda.reset_peak_memory_stats()
         prof_ctx = contextlib.nullcontext()
         if args.profile and cuda:
-            from torch.profiler import ProfilerActivity, profile
-            prof_ctx = profile(activities=[ProfilerActivity.CUDA])
+            from torch.profiler import ProfilerActivity, profile, schedule
+            # only the timed steps (after warm-up: compilation, allocator growth)
+            prof_ctx = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                               schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1))
         with ctx, prof_ctx as prof:
+            if prof is not None:
+                trainer.on_step_end = lambda step: prof.step()
             result = trainer.train()
         timed = result.step_times_s[args.warmup:]
         step_s = statistics.median(timed)
@@ -126,7 +164,8 @@ def worker(args) -> None:
                    "triton": __import__("triton").__version__, "sdpa_backend": sdpa_backend,
                    "overrides": overrides}
             if args.profile and cuda:
-                row["profile"] = profile_summary(prof, len(result.step_times_s))
+                row["profile"] = profile_summary(prof, args.steps)
+                row["profile"].update(idle_summary(prof, args.steps))
             with open(args.result, "w") as f:
                 json.dump(row, f)
     finally:
@@ -187,13 +226,25 @@ def write_report(rows, out_dir, tag=""):
                          f"{r['peak_mem_gib']:.1f} | {r['recompute'] or '-'} |")
     profiled = [r for r in ok if r.get("profile")]
     if profiled:
-        lines += ["", "GPU time per step by kernel category (torch.profiler, ms; averaged over all steps):", "",
+        lines += ["", "GPU time per step by kernel category (torch.profiler, ms; averaged over the timed steps):", "",
                   "| seq | variant | step ms (median) | " + " | ".join(c for c, _ in KERNEL_CATEGORIES) + " | other |",
                   "|---|---|---|" + "---|" * (len(KERNEL_CATEGORIES) + 1)]
         for r in profiled:
             cats = r["profile"]["ms_per_step_by_category"]
             cells = [f"{cats.get(c, 0):.0f}" for c, _ in KERNEL_CATEGORIES] + [f"{cats.get('other', 0):.0f}"]
             lines.append(f"| {r['seq']} | {r['variant']} | {r['step_s_median'] * 1e3:.0f} | " + " | ".join(cells) + " |")
+        for r in profiled:
+            idle = r["profile"].get("idle_by_host_op_ms_per_step")
+            if idle:
+                lines += ["", f"GPU idle, {r['seq']} {r['variant']}: {r['profile']['idle_ms_per_step']} ms per step in "
+                          f"{r['profile']['gaps_per_step']} gaps; host operator running mid-gap (ms per step):", "",
+                          "| ms | host operator |", "|---|---|"]
+                lines += [f"| {ms:.1f} | `{name}` |" for ms, name in idle]
+            ops = r["profile"].get("top_ops_ms_per_step", [])[:15]
+            if ops:
+                lines += ["", f"Top operators by GPU time of their own kernels, {r['seq']} {r['variant']} (ms per step, "
+                          "calls per step):", "", "| ms | calls | operator |", "|---|---|---|"]
+                lines += [f"| {ms:.1f} | {calls} | `{name}` |" for ms, calls, name in ops]
     write_markdown(stem + ".md", lines)
     plt = pyplot()
     if plt is None:
@@ -252,8 +303,11 @@ def main():
     if args.from_json:
         with open(args.from_json) as f:
             return write_report(json.load(f), args.out_dir, args.tag)
-    rows = [run_point(args, seq, variant) for seq in args.seq for variant in args.variants]
-    write_report(rows, args.out_dir, args.tag)
+    rows = []
+    for seq in args.seq:
+        for variant in args.variants:
+            rows.append(run_point(args, seq, variant))
+            write_report(rows, args.out_dir, args.tag)  # after every point: a time limit keeps the finished ones
 
 
 if __name__ == "__main__":

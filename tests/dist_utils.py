@@ -24,11 +24,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)  # N processes share 2 cores: oversubscription only slows them down
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -37,12 +39,13 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
         torch.distributed.destroy_process_group()
 
 
-def run_gloo(fn, world_size: int, args: tuple = (), timeout_s: float = 300.0) -> list:
-    """Spawn ``world_size`` gloo workers running ``fn(rank, world_size, *args)``; returns their results by rank.
+def run_gloo(fn, world_size: int, args: tuple = (), timeout_s: float = 300.0, backend: str = "gloo") -> list:
+    """Spawn ``world_size`` workers running ``fn(rank, world_size, *args)``; returns their results by rank.
+    ``backend`` "gloo" (CPU tensors) or "nccl" (one GPU per rank, for models that live on CUDA).
     Raises the worker's error (torch.multiprocessing.ProcessRaisedException) or TimeoutError."""
     with tempfile.TemporaryDirectory(prefix="s2m-gloo-") as out_dir:
-        ctx = mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args, backend),
+                                 nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=1.0):
@@ -77,7 +80,7 @@ def make_batches(seed: int, num_micro: int, micro_batch: int, seq_len: int, voca
 
 def build_chunks(model_cfg: dict, par: dict, schedule, *, vocab: int, seq_len: int, precision: str = "fp32",
                  backend: str = "auto", recompute=None, overlap_grad_reduce: bool = False,
-                 use_cpu_initialization: bool = True):
+                 use_cpu_initialization: bool = True, fusions: bool = False, overrides=None):
     """initialize_parallel + one GPTModel chunk per virtual stage (``Float16Module``-wrapped for bf16/fp16).
     Returns (chunks, config, ddp_config); wrap the chunks with :func:`wrap_ddp` after loading weights."""
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -86,8 +89,9 @@ def build_chunks(model_cfg: dict, par: dict, schedule, *, vocab: int, seq_len: i
     from s2megatron.model import build_gpt_model, initialize_parallel, transformer_config_from_cfg
 
     initialize_parallel(par["tp"], par["pp"], par["vpp"], seed=1234)
-    config = transformer_config_from_cfg(model_cfg, par, precision=precision, recompute=recompute,
-                                         overrides=dict(use_cpu_initialization=use_cpu_initialization))
+    config = transformer_config_from_cfg(model_cfg, par, precision=precision, recompute=recompute, fusions=fusions,
+                                         overrides=dict(use_cpu_initialization=use_cpu_initialization,
+                                                        **(overrides or {})))
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
                                                use_distributed_optimizer=par["distributed_optimizer"])
     chunks = []

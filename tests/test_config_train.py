@@ -58,6 +58,13 @@ def test_precision_auto_resolves_by_device():
     assert _plan("train.precision=bf16").precision == "bf16"
 
 
+def test_fusions_auto_resolves_by_device():
+    assert _plan(device_type="cuda").fusions is True
+    assert _plan(device_type="cpu").fusions is False
+    assert _plan("train.fusions=false", device_type="cuda").fusions is False
+    assert _plan("train.fusions=true", device_type="cuda").fusions is True
+
+
 def test_public_override_names():
     cfg = _compose("model=125m", "sparsity=l8v16", "parallel.tp=2", "parallel.pp=2", "parallel.sp=true",
                    "train.steps=7", "train.seq_len=1024", "train.micro_batch=2", "train.global_batch=16",
@@ -96,6 +103,8 @@ def test_public_override_names():
     (["attention.backend=sdpa"], 1, ["attention.backend=sdpa", "sparse"]),
     (["attention.backend=triton"], 1, ["attention.backend=triton", "CUDA"]),
     (["train.precision=fp8"], 1, ["train.precision='fp8'", "auto | bf16 | fp16 | fp32"]),
+    (["train.fusions=some"], 1, ["train.fusions='some'", "auto | true | false"]),
+    (["train.fusions=true"], 1, ["train.fusions=true needs CUDA"]),
     (["train.recompute=everything"], 1, ["train.recompute='everything'", "selective | full"]),
     (["train.steps=0"], 1, ["train.steps=0", "integer >= 1"]),
     (["sparsity.default.vert_stride=0"], 1, ["sparsity", "vert_stride=0", "integer >= 1"]),

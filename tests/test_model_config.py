@@ -72,6 +72,25 @@ def test_tiny_config_fields():
     assert vpp.overlap_p2p_comm and not vpp.batch_p2p_comm and vpp.virtual_pipeline_model_parallel_size == 2
 
 
+def test_fusions_turn_on_megatron_fusions_and_our_rope():
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from s2megatron.model import rope
+    config = transformer_config_from_cfg(MODELS["tiny"], SINGLE, precision="fp32", fusions=True)
+    assert config.bias_activation_fusion and config.bias_dropout_fusion and config.apply_rope_fusion
+    assert config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "native"
+    assert not (config.gradient_accumulation_fusion or config.masked_softmax_fusion or config.persist_layer_norm)
+    # without Transformer Engine megatron's fused-RoPE hook is ours
+    assert rope_utils.fused_apply_rotary_pos_emb is rope.fused_apply_rotary_pos_emb
+    # GeLU is fused by megatron only together with its bias; learned positions have no RoPE to fuse
+    gelu = transformer_config_from_cfg(dict(MODELS["tiny"], activation="gelu", position_embedding="learned_absolute"),
+                                       SINGLE, precision="fp32", fusions=True)
+    assert not gelu.bias_activation_fusion and not gelu.apply_rope_fusion and gelu.bias_dropout_fusion
+    biased = transformer_config_from_cfg(dict(MODELS["tiny"], activation="gelu", add_bias_linear=True), SINGLE,
+                                         precision="fp32", fusions=True)
+    assert biased.bias_activation_fusion
+
+
 BAD = [
     (dict(), dict(cp=2), "parallel.cp=2"),
     (dict(), dict(tp=1, sp=True), "parallel.sp=true needs parallel.tp > 1"),

@@ -276,6 +276,31 @@ def test_head_dims_not_power_of_two(head_dim):
     run_and_check(S2Layout(32, 2, 3), *bufs)
 
 
+def _nan_padded(shape, head_dim, seed):
+    """A [.., heads, head_dim] view of a NaN-filled buffer one head and some dims wider: any read outside the view
+    poisons the result."""
+    *lead, heads, _ = shape
+    buf = torch.full((*lead, heads + 1, max(head_dim, 64) + 16), float("nan"), device=DEVICE)
+    buf[..., :heads, :head_dim] = torch.randn(*lead, heads, head_dim,
+                                              generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return buf[..., :heads, :head_dim]
+
+
+@pytest.mark.parametrize("layout,head_dim,heads,kv_heads,q_len,kv_len", [
+    (S2Layout(64, 5, 3), 80, 4, 2, 900, 900),
+    (S2Layout(128, 3, 2), 64, 2, 1, 1000, 1000),
+    (S2Layout(64, 4, 2, num_dense_heads=1), 64, 2, 2, 300, 900),
+])
+def test_interior_tiles_of_long_local_windows(layout, head_dim, heads, kv_heads, q_len, kv_len):
+    """Local windows longer than a query tile: most key tiles are interior (every row keeps them, all below the
+    tile: loaded and computed without masks), the first local and the diagonal tiles masked. GQA, a dense head, a
+    KV prefix, block 128 (two key tiles per block) and head dim 80 in NaN-padded buffers."""
+    q = _nan_padded((1, q_len, heads, head_dim), head_dim, 21)
+    k = _nan_padded((1, kv_len, kv_heads, head_dim), head_dim, 22)
+    v = _nan_padded((1, kv_len, kv_heads, head_dim), head_dim, 23)
+    run_and_check(layout, q, k, v)
+
+
 def test_packed_qkv_views_get_gradients():
     """dkernel D8: q/k/v as views of one packed buffer: the packed gradient is assembled correctly."""
     qkv = torch.randn(1, 320, 3, 2, 64, generator=torch.Generator().manual_seed(15)).to(DEVICE).requires_grad_()

@@ -30,7 +30,7 @@ def build_transformer_config(cfg: Mapping, plan: RunPlan):
     return transformer_config_from_cfg(_plain(cfg.model), _plain(cfg.parallel), precision=plan.precision,
                                        recompute=cfg.train.recompute,
                                        recompute_num_layers=cfg.train.recompute_num_layers,
-                                       overrides={"calculate_per_token_loss": True})
+                                       fusions=plan.fusions, overrides={"calculate_per_token_loss": True})
 
 
 def build_model(cfg: Mapping, plan: RunPlan, config, *, vocab_size: int, device: torch.device,
@@ -87,6 +87,8 @@ def build_optimizer(cfg: Mapping, plan: RunPlan, config, model: List[torch.nn.Mo
         use_distributed_optimizer=bool(cfg.parallel.get("distributed_optimizer", False)),
     )
     optimizer = get_megatron_optimizer(opt_config, model)
+    if plan.fusions:
+        use_fused_torch_adam(optimizer)
 
     # Hooks the pipeline schedules call (as megatron's own training loop wires them).
     config.grad_scale_func = optimizer.scale_loss
@@ -97,6 +99,22 @@ def build_optimizer(cfg: Mapping, plan: RunPlan, config, model: List[torch.nn.Mo
         grad_sync = [chunk.start_grad_sync for chunk in model]
         config.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
     return optimizer
+
+
+def use_fused_torch_adam(optimizer) -> int:
+    """Switch torch's Adam/AdamW inside a megatron optimizer (used when apex and TE are absent) from the
+    multi-tensor ``foreach`` path to the single-kernel ``fused`` one, for parameter groups that live on CUDA.
+    apex/TE fused optimizers are left alone. Returns the number of groups switched."""
+    switched = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            if group["params"] and all(p.is_cuda for p in group["params"]):
+                group["foreach"], group["fused"] = False, True
+                switched += 1
+    return switched
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ class RunPlan:
     num_microbatches: int
     precision: str
     device_type: str          # "cuda" | "cpu"
+    fusions: bool             # fused elementwise kernels (``train.fusions`` resolved)
     schedule: LayerSchedule
     tokens_per_step: int
     passkey_context_lengths: tuple
@@ -65,6 +66,11 @@ def _to_plain(node):
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
     return node
+
+
+def resolve_fusions(fusions, device_type: str) -> bool:
+    """``train.fusions``: ``auto`` means on with CUDA, off on the CPU."""
+    return device_type == "cuda" if fusions == "auto" else bool(fusions)
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
@@ -139,6 +145,12 @@ def plan_run(cfg: Mapping, *, world_size: Optional[int] = None, device_type: Opt
     err.choice("train.ckpt_optim_format", t("ckpt_optim_format"), CKPT_OPTIM_FORMATS)
     if precision == "fp16" and device_type == "cpu":
         err.add("train.precision=fp16 is not supported on CPU; valid here: auto | fp32 | bf16")
+    fusions = t("fusions") if t("fusions") is not None else "auto"
+    if not (fusions == "auto" or isinstance(fusions, bool)):
+        err.add(f"train.fusions={fusions!r} is invalid; valid: auto | true | false")
+    elif fusions is True and device_type == "cpu":
+        err.add("train.fusions=true needs CUDA (the fused kernels are generated for the GPU); valid here: auto | "
+                "false")
 
     # --- optim
     o = lambda key: _get(cfg, f"optim.{key}")  # noqa: E731
@@ -280,7 +292,8 @@ def plan_run(cfg: Mapping, *, world_size: Optional[int] = None, device_type: Opt
     err.raise_if_any()
     resolved = resolve_precision(precision, device_type)
     return RunPlan(world_size=world_size, tp=tp, pp=pp, vpp=vpp, dp=dp, num_microbatches=num_microbatches,
-                   precision=resolved, device_type=device_type, schedule=schedule,
+                   precision=resolved, device_type=device_type, fusions=resolve_fusions(fusions, device_type),
+                   schedule=schedule,
                    tokens_per_step=gb * seq_len, passkey_context_lengths=tuple(lengths))
 
 

@@ -83,6 +83,7 @@ class Trainer:
         self.optimizer = None
         self.metrics: Optional[MetricsLogger] = None
         self._last_saved_step = None
+        self.on_step_end = None       # optional callable(step), after each optimizer step (e.g. a profiler's step)
 
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self, *, training: bool = True) -> "Trainer":
@@ -312,6 +313,8 @@ class Trainer:
                 result.losses.append(out.loss)
                 result.grad_norms.append(out.grad_norm)
                 result.step_times_s.append(dt)
+                if self.on_step_end is not None:
+                    self.on_step_end(self.step)
                 if not math.isfinite(out.loss):
                     raise FloatingPointError(f"loss is {out.loss} at step {self.step}; lower optim.lr or check data")
                 for key, value in (("loss", out.loss), ("grad_norm", out.grad_norm), ("time", dt), ("steps", 1)):

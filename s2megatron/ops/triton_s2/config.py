@@ -39,11 +39,12 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
     within one layout block (no gathering of small blocks into one key tile): for row lists read from memory,
     whose gathered form computed wrong results on an H200 with software pipelining (triton 3.6).
 
-    Measured on an H200 (L16V16, block 64, 32k, head dim 128): forward 128x64 tiles, 8 warps, 3 stages (2.91 ms;
-    64-key tiles with 2 stages 3.40, 128-key tiles 3.17, 4 warps 8.27); dQ 64-key tiles with 3 stages (-1.1 ms vs 2);
-    dK/dV 64 keys x 32 queries with 4 warps (6.2 ms) against 128 x 32 with 8 warps (10.6 ms): a 128-key tile spans
-    two layout blocks, and when one is a stripe of the head and the other is not, the whole run below the stripe is
-    computed for both."""
+    Measured on an H200 (L16V16, block 64, 32k, head dim 128; kernel ms, ``bench/attention.py --sweep-configs``):
+    forward 128x64 tiles, 8 warps, 3 stages (2.59; 128-key tiles 3.29, 4 stages 2.69, 64x64 with 4 warps 2.46 but
+    dQ then 3.93); dQ 64-key tiles with 3 stages (2.89; 32-key 3.57); dK/dV 64 keys x 32 queries, 4 warps, 3 stages
+    (4.84; 2 stages 5.92, 16 queries 5.80, 64 queries 6.46, 8 warps 10.1-13.4). A 128-key dK/dV tile spans two
+    layout blocks, and when one is a stripe of the head and the other is not, the whole run below the stripe is
+    computed for both (10.6 ms)."""
     big = block_d(head_dim) > 128
     block_m = max(64 if big else 128, block_size) if merge_q else block_size
     block_n = 32 if big else 64
@@ -58,4 +59,4 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
     return TileConfig(block_m=block_m, block_n=block_n, dq_block_n=block_n, dkdv_block_n=dkdv_n,
                       dkdv_block_m=dkdv_m, fwd_warps=warps_m, fwd_stages=stages or (2 if big else 3),
                       dq_warps=warps_m, dq_stages=stages or (2 if big else 3), dkdv_warps=8 if big else 4,
-                      dkdv_stages=stages or 2)
+                      dkdv_stages=stages or (2 if big else 3))

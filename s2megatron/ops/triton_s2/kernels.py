@@ -130,6 +130,84 @@ def _row_key_tile(it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_
     return k_pos, k_pos0.to(tl.int64), k_rel, row_last, need_mask
 
 
+@triton.jit
+def _load_rows(ptrs, row_ok, d_ok, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """A [rows, BLOCK_D] tile; ``row_ok`` None means every row is inside the tensor (no row mask), and EVEN_D
+    (head dim == BLOCK_D) drops the column mask, so interior tiles load without predicates."""
+    if row_ok is None:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_step(q, k, v, m_i, l_i, acc, qk_scale, need_mask, k_pos, q_pos, sub_row, row_last, PREC: tl.constexpr):
+    """One key tile of the online softmax. ``need_mask`` (runtime, or constexpr False for interior tiles): apply the
+    causal and per-row (Merge-Q ``row_last``) mask. m_i is kept in scaled (base-2) units."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # unscaled
+    if need_mask:
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & (sub_row[:, None] <= row_last[None, :])
+        qk = tl.where(allowed, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet: avoid inf - inf
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(qk * qk_scale - m_safe[:, None])  # one FMA per score
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_step(q, do, k, v, dq, lse2, delta, qk_scale, need_mask, k_pos, q_pos, sub_row, row_last,
+             PREC: tl.constexpr):
+    """One key tile of dQ: dq += (P * (dP - Delta)) K."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if need_mask:
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & (sub_row[:, None] <= row_last[None, :])
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+
+
+@triton.jit
+def _dkdv_step(k, v, q, do, dk, dv, lse2, delta, qk_scale, need_mask, k_pos, q_pos, hi, first_block,
+               BS: tl.constexpr, PREC: tl.constexpr):
+    """One query chunk of dK/dV (transposed: keys are rows). ``need_mask``: the causal mask and, when ``hi`` (the
+    last keeping query block of each key, relative to ``first_block``) is given, the run mask."""
+    qk_t = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+    if need_mask:
+        allowed = k_pos[:, None] <= q_pos[None, :]
+        if hi is not None:
+            allowed = allowed & ((q_pos[None, :] // BS - first_block) <= hi[:, None])
+        p_t = tl.where(allowed, p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _fast_split(n_ent, w0, w1, w2, w3, width, ROWS: tl.constexpr):
+    """Split an S2 row walk (``_row_walk`` ANALYTIC output) into interior entries, which every row of the tile keeps
+    and which lie entirely below it (the stripes, then the local blocks from ``mid_start`` up to the tile), and the
+    masked rest: the first ``m1`` local blocks (kept by only some rows) and the diagonal blocks ``i0..i1``.
+    Returns (interior count, mid_start, m1, diagonal count)."""
+    nvert, local_start, i0 = w1, w2, w3
+    i1 = n_ent - nvert + local_start - 1
+    m1 = tl.minimum(tl.maximum(i0 + ROWS - width - local_start, 0), i0 - local_start)
+    return nvert + i0 - local_start - m1, local_start + m1, m1, i1 - i0 + 1
+
+
 @_jit_dynamic
 def s2_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES,
@@ -141,6 +219,9 @@ def s2_fwd_kernel(
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_M // BS
+    FAST: tl.constexpr = ANALYTIC and BS >= BLOCK_N  # S2 layout, whole key tiles: interior tiles unmasked
+    SUBS: tl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N  # key tiles per layout block (FAST)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_bh = tl.program_id(0)
     tile = num_tiles - 1 - tl.program_id(1)  # longest rows (latest tiles) first
     b = pid_bh // num_heads
@@ -175,24 +256,35 @@ def s2_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for it in range(0, n_it):
+    if FAST:
+        # interior key tiles: no masks, scalar addressing
+        n_in, mid_start, m1, n_diag = _fast_split(n_ent, w0, w1, w2, w3, width, ROWS)
+        k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
+        for it in range(0, n_in * SUBS):
+            e = it // SUBS
+            j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
+            k_pos0 = (j * BS + (it % SUBS) * BLOCK_N).to(tl.int64)
+            k = _load_rows(k_base + k_pos0 * stride_ks + k_off, None, d_ok, EVEN_D, UPCAST)
+            v = _load_rows(v_base + k_pos0 * stride_vs + v_off, None, d_ok, EVEN_D, UPCAST)
+            m_i, l_i, acc = _fwd_step(q, k, v, m_i, l_i, acc, qk_scale, False, None, None, None, None, PREC)
+        n_it = (m1 + n_diag) * SUBS  # then the masked ones, by their index in the full walk
+    for itm in range(0, n_it):
+        if FAST:
+            e = itm // SUBS
+            it = (tl.where(e < m1, w1 + e, w1 + w3 - w2 + e - m1)) * SUBS + itm % SUBS
+        else:
+            it = itm
         k_pos, k_pos0, k_rel, row_last, need_mask = _row_key_tile(
             it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_COLS, ROW_LAST, offs_n, BS, BLOCK_N, ROWS,
             ANALYTIC)
-        kv_mask = (k_pos < kv_end)[:, None] & d_ok[None, :]
-        k = _load(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], kv_mask, UPCAST)
-        v = _load(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], kv_mask, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        if need_mask:
-            allowed = (k_pos[None, :] <= q_pos[:, None]) & (sub_row[:, None] <= row_last[None, :])
-            qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet: avoid inf - inf
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        k_ok = k_pos < kv_end
+        k = _load_rows(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], k_ok, d_ok,
+                       EVEN_D, UPCAST)
+        v = _load_rows(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], k_ok, d_ok,
+                       EVEN_D, UPCAST)
+        m_i, l_i, acc = _fwd_step(q, k, v, m_i, l_i, acc, qk_scale, need_mask, k_pos, q_pos, sub_row, row_last,
+                                  PREC)
 
     empty = l_i == 0.0  # only for layouts that keep nothing for a row
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -239,6 +331,9 @@ def s2_bwd_dq_kernel(
 ):
     """dQ of one query tile, walking its row list (same tiles and metadata as the forward)."""
     ROWS: tl.constexpr = BLOCK_M // BS
+    FAST: tl.constexpr = ANALYTIC and BS >= BLOCK_N  # S2 layout, whole key tiles: interior tiles unmasked
+    SUBS: tl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N  # key tiles per layout block (FAST)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_bh = tl.program_id(0)
     tile = num_tiles - 1 - tl.program_id(1)
     b = pid_bh // num_heads
@@ -276,21 +371,33 @@ def s2_bwd_dq_kernel(
         n_it = (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS)
     sub_row = offs_m // BS
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for it in range(0, n_it):
+    if FAST:  # interior key tiles first (see the forward)
+        n_in, mid_start, m1, n_diag = _fast_split(n_ent, w0, w1, w2, w3, width, ROWS)
+        k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
+        for it in range(0, n_in * SUBS):
+            e = it // SUBS
+            j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
+            k_pos0 = (j * BS + (it % SUBS) * BLOCK_N).to(tl.int64)
+            k = _load_rows(k_base + k_pos0 * stride_ks + k_off, None, d_ok, EVEN_D, UPCAST)
+            v = _load_rows(v_base + k_pos0 * stride_vs + v_off, None, d_ok, EVEN_D, UPCAST)
+            dq = _dq_step(q, do, k, v, dq, lse2, delta, qk_scale, False, None, None, None, None, PREC)
+        n_it = (m1 + n_diag) * SUBS
+    for itm in range(0, n_it):
+        if FAST:
+            e = itm // SUBS
+            it = (tl.where(e < m1, w1 + e, w1 + w3 - w2 + e - m1)) * SUBS + itm % SUBS
+        else:
+            it = itm
         k_pos, k_pos0, k_rel, row_last, need_mask = _row_key_tile(
             it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_COLS, ROW_LAST, offs_n, BS, BLOCK_N, ROWS,
             ANALYTIC)
-        kv_mask = (k_pos < kv_end)[:, None] & d_ok[None, :]
-        k = _load(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], kv_mask, UPCAST)
-        v = _load(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], kv_mask, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(qk - lse2[:, None])
-        if need_mask:
-            allowed = (k_pos[None, :] <= q_pos[:, None]) & (sub_row[:, None] <= row_last[None, :])
-            p = tl.where(allowed, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+        k_ok = k_pos < kv_end
+        k = _load_rows(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], k_ok, d_ok,
+                       EVEN_D, UPCAST)
+        v = _load_rows(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], k_ok, d_ok,
+                       EVEN_D, UPCAST)
+        dq = _dq_step(q, do, k, v, dq, lse2, delta, qk_scale, need_mask, k_pos, q_pos, sub_row, row_last, PREC)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + h * stride_dqh + row0 * stride_dqs + offs_m[:, None] * stride_dqs
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -339,6 +446,10 @@ def s2_bwd_dkdv_kernel(
     j_col = k_pos // BS
     jc_ok = j_col < num_key_blocks
 
+    FAST: tl.constexpr = RUN and BS >= BLOCK_N  # one layout block per key tile: a scalar run, interior unmasked
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    q_off = offs_m[:, None] * stride_qs + offs_d[None, :]
+    do_off = offs_m[:, None] * stride_dos + offs_d[None, :]
     for g in range(0, group):
         h = kvh * group + g
         pat = tl.load(HEAD_TO_PAT + h)
@@ -347,7 +458,30 @@ def s2_bwd_dkdv_kernel(
         q_base = Q + off_b * stride_qb + h * stride_qh + qrow0 * stride_qs
         do_base = DO + off_b * stride_dob + h * stride_doh + qrow0 * stride_dos
         l_off = off_b * stride_lb + h * stride_lh + qrow0
-        if RUN:
+        if FAST:
+            j = k_pos0 // BS
+            cs = tl.load(cp + j)
+            ce = tl.load(cp + j + 1)
+            has = ce > cs
+            hi_b = tl.load(COL_ROWS + ce - 1, mask=has, other=-1)  # last keeping query block (relative)
+            lo_b = tl.load(COL_ROWS + cs, mask=has, other=0)
+            q_lo = (first_block + lo_b) * BS
+            q_end = (first_block + hi_b + 1) * BS
+            n_tot = tl.where(has, (q_end - q_lo + BLOCK_M - 1) // BLOCK_M, 0)
+            # interior query chunks [c0, c1): every row at or after every key, inside the queries and the run
+            c0 = tl.minimum((tl.maximum(tl.maximum(k_last, past) - q_lo, 0) + BLOCK_M - 1) // BLOCK_M, n_tot)
+            c1 = tl.minimum(tl.maximum((tl.minimum(q_end, kv_end) - q_lo) // BLOCK_M, c0), n_tot)
+            for c in range(c0, c1):
+                r = (q_lo + c * BLOCK_M).to(tl.int64)
+                q = _load_rows(q_base + r * stride_qs + q_off, None, d_ok, EVEN_D, UPCAST)
+                do = _load_rows(do_base + r * stride_dos + do_off, None, d_ok, EVEN_D, UPCAST)
+                lse2 = tl.load(LSE + l_off + r + offs_m) * _LOG2E
+                delta = tl.load(DELTA + l_off + r + offs_m)
+                dk, dv = _dkdv_step(k, v, q, do, dk, dv, lse2, delta, qk_scale, False, None, None, None, 0, BS, PREC)
+            n_it = c0 + n_tot - c1  # the masked chunks: the diagonal ones, then the tail past kv_end / the run
+            hi = tl.zeros([BLOCK_N], tl.int32) + hi_b
+            hi_min = hi_b
+        elif RUN:
             cs = tl.load(cp + j_col, mask=jc_ok, other=0)
             ce = tl.load(cp + j_col + 1, mask=jc_ok, other=0)
             has = ce > cs
@@ -367,7 +501,10 @@ def s2_bwd_dkdv_kernel(
             hi_min = 0
             q_lo = 0
         for it in range(0, n_it):
-            if RUN:
+            if FAST:
+                q_pos0 = q_lo + tl.where(it < c0, it, c1 + it - c0) * BLOCK_M
+                need_mask = True
+            elif RUN:
                 q_pos0 = q_lo + it * BLOCK_M
                 need_mask = (k_last > q_pos0) | ((q_pos0 + BLOCK_M - 1) // BS - first_block > hi_min)
             else:
@@ -376,24 +513,14 @@ def s2_bwd_dkdv_kernel(
                 need_mask = k_last > q_pos0
             q_pos = q_pos0 + offs_m
             q_ok = (q_pos >= past) & (q_pos < kv_end)
-            qd_mask = q_ok[:, None] & d_ok[None, :]
             r = q_pos0.to(tl.int64)
-            q = _load(q_base + r * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], qd_mask, UPCAST)
-            do = _load(do_base + r * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], qd_mask, UPCAST)
+            q = _load_rows(q_base + r * stride_qs + q_off, q_ok, d_ok, EVEN_D, UPCAST)
+            do = _load_rows(do_base + r * stride_dos + do_off, q_ok, d_ok, EVEN_D, UPCAST)
             # rows outside the queries get lse = +inf, hence P = 0: they add nothing
             lse2 = tl.load(LSE + l_off + r + offs_m, mask=q_ok, other=float("inf")) * _LOG2E
             delta = tl.load(DELTA + l_off + r + offs_m, mask=q_ok, other=0.0)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale           # [BLOCK_N, BLOCK_M]
-            p_t = tl.math.exp2(qk_t - lse2[None, :])
-            if need_mask:
-                allowed = k_pos[:, None] <= q_pos[None, :]
-                if RUN:
-                    allowed = allowed & ((q_pos[None, :] // BS - first_block) <= hi[:, None])
-                p_t = tl.where(allowed, p_t, 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+            dk, dv = _dkdv_step(k, v, q, do, dk, dv, lse2, delta, qk_scale, need_mask, k_pos, q_pos,
+                                hi if RUN else None, first_block, BS, PREC)
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + kvh * stride_dkh + krow * stride_dks + offs_n[:, None] * stride_dks
              + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kd_mask)

@@ -1,0 +1,119 @@
+"""Compile the S2 kernels for a GPU architecture without a GPU and report registers, spills and shared memory.
+
+Triton ships ``ptxas``, so the kernels can be compiled ahead of time on any machine: this shows whether a tile shape
+fits (no spills, registers per thread, CTAs per SM) before any time is spent on a GPU. The signature mimics a
+runtime launch (bf16 inputs, pointers and strides divisible by 16, lengths not specialised).
+
+    python bench/kernel_resources.py [--arch 90] [--head-dim 128] [--block 64] [--override fwd_stages=4 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from s2megatron.ops.triton_s2 import config as tile_cfg  # noqa: E402
+from s2megatron.ops.triton_s2 import kernels  # noqa: E402
+
+FP32_PTRS = {"LSE", "DELTA", "DLSE"}
+INT_PTRS = {"CU_SEQLENS", "HEAD_TO_PAT", "ROW_PTR", "ROW_COLS", "ROW_LAST", "RESIDUES", "COL_PTR", "COL_ROWS"}
+FLOATS = {"qk_scale", "sm_scale"}
+
+
+def _signature(fn, constexprs: dict):
+    """(signature, attrs) of a launch with bf16 tensors; strides and pointers get the divisible-by-16 attribute."""
+    jit = fn
+    params = list(inspect.signature(jit.fn).parameters)
+    backend_attr = [["tt.divisibility", 16]]
+    sig, attrs = {}, {}
+    for i, name in enumerate(params):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in FP32_PTRS:
+            sig[name], attrs[(i,)] = "*fp32", backend_attr
+        elif name in INT_PTRS:
+            sig[name], attrs[(i,)] = "*i32", backend_attr
+        elif name.isupper():
+            sig[name], attrs[(i,)] = "*bf16", backend_attr
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(i,)] = backend_attr
+    return sig, attrs
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spill bytes and static shared memory from ``ptxas -v``."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill.group(1)) if spill else None,
+            "spill_load_bytes": int(spill.group(2)) if spill else None}
+
+
+def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    sig, attrs = _signature(fn, constexprs)
+    src = ASTSource(fn, sig, constexprs, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    out = ptxas_report(compiled.asm["ptx"], arch)
+    out["shared_bytes"] = compiled.metadata.shared
+    threads = 32 * num_warps
+    if out["registers"]:
+        by_regs = 65536 // (out["registers"] * threads)
+        by_smem = (228 * 1024) // max(out["shared_bytes"], 1)
+        out["ctas_per_sm"] = min(by_regs, by_smem, 64 // num_warps)
+    return out
+
+
+def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> dict:
+    bd = tile_cfg.block_d(head_dim)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BS=block, VARLEN=False, UPCAST=False, PREC="tf32")
+    rows = {}
+    rows["fwd"] = compile_one(kernels.s2_fwd_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                                           ANALYTIC=analytic), cfg.fwd_warps, cfg.fwd_stages, arch)
+    rows["dq"] = compile_one(kernels.s2_bwd_dq_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
+                                                            ANALYTIC=analytic), cfg.dq_warps, cfg.dq_stages, arch)
+    rows["dkdv"] = compile_one(kernels.s2_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg.dkdv_block_m,
+                                                                BLOCK_N=cfg.dkdv_block_n, RUN=True),
+                               cfg.dkdv_warps, cfg.dkdv_stages, arch)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--override", nargs="*", default=[], help="TileConfig fields, e.g. block_n=128 fwd_stages=2")
+    args = ap.parse_args()
+    cfg = tile_cfg.tile_config(args.block, args.head_dim, True)
+    cfg = dataclasses.replace(cfg, **{k: int(v) for k, v in (o.split("=") for o in args.override)})
+    print(cfg)
+    for name, row in report(cfg, args.head_dim, args.block, args.arch).items():
+        print(f"{name:5s} {row}")
+
+
+if __name__ == "__main__":
+    main()
