@@ -96,7 +96,7 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
     rows["dq"] = compile_one(kernels.s2_bwd_dq_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
                                                             ANALYTIC=analytic), cfg.dq_warps, cfg.dq_stages, arch)
     rows["dkdv"] = compile_one(kernels.s2_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg.dkdv_block_m,
-                                                                BLOCK_N=cfg.dkdv_block_n, RUN=True),
+                                                                BLOCK_N=cfg.dkdv_block_n, RUN=True, ANALYTIC=analytic),
                                cfg.dkdv_warps, cfg.dkdv_stages, arch)
     return rows
 

@@ -129,7 +129,11 @@ def test_analytic_row_walk_matches_metadata(block, local, stride, dense_heads, q
     lay = S2Layout(block, local, stride, num_dense_heads=dense_heads)
     heads = 8
     meta = get_metadata(lay, heads, q_len, kv_len, rows_per_tile=rows, device=DEVICE)
-    res = _op._residues(lay, heads, heads, 0, None, None, meta.head_to_pattern.device)
+    ameta = _op._analytic_meta(lay, heads, heads, 0, None, None, q_len, kv_len, rows, meta.head_to_pattern.device)
+    assert (ameta.first_block, ameta.last_block, ameta.num_tiles, ameta.num_key_blocks) == (
+        meta.first_block, meta.last_block, meta.num_tiles, meta.num_key_blocks)
+    assert torch.equal(ameta.head_to_pattern, meta.head_to_pattern)
+    res = ameta.residues
     p, t = meta.num_patterns, meta.num_tiles
     max_ent = meta.num_key_blocks
     out_j = torch.full((p * t * max_ent,), -9, dtype=torch.int32, device=DEVICE)
@@ -146,6 +150,41 @@ def test_analytic_row_walk_matches_metadata(block, local, stride, dense_heads, q
             rows_here = min(rows, meta.last_block + 1 - (meta.first_block + tile * rows))
             got_last = out_last[slot * max_ent: slot * max_ent + n].clamp(max=rows_here - 1)
             assert got_last.tolist() == meta.row_last[a:b].tolist(), (pat, tile)
+
+
+@triton.jit
+def _col_probe(RES, OUT, first_block, kv_end, local_blocks, vert_stride, NK: tl.constexpr, BS: tl.constexpr):
+    pat = tl.program_id(0)
+    j = tl.arange(0, NK)
+    has, lo, hi = _kernels._col_run(RES, RES, RES, pat, j, j * BS < kv_end, first_block, kv_end, local_blocks,
+                                    vert_stride, BS, True)
+    tl.store(OUT + pat * 3 * NK + j, has.to(tl.int32))
+    tl.store(OUT + pat * 3 * NK + NK + j, lo)
+    tl.store(OUT + pat * 3 * NK + 2 * NK + j, hi)
+
+
+@pytest.mark.parametrize("block,local,stride,dense_heads,q_len,kv_len", [
+    (64, 2, 3, 0, 448, 448), (16, 3, 5, 1, 300, 700), (128, 4, 2, 2, 900, 1900), (64, 16, 16, 0, 3000, 3000)])
+def test_analytic_column_runs_match_metadata(block, local, stride, dense_heads, q_len, kv_len):
+    """dK/dV computes each key block's run of keeping query blocks from the formula; it must equal the first and
+    last entries of the metadata's column lists (and be empty exactly where they are)."""
+    lay = S2Layout(block, local, stride, num_dense_heads=dense_heads)
+    heads = 8
+    meta = get_metadata(lay, heads, q_len, kv_len, device=DEVICE)
+    ameta = _op._analytic_meta(lay, heads, heads, 0, None, None, q_len, kv_len, 1, meta.head_to_pattern.device)
+    nk = meta.num_key_blocks
+    npow = triton.next_power_of_2(nk)
+    p = meta.num_patterns
+    out = torch.full((p * 3 * npow,), -9, dtype=torch.int32, device=DEVICE)
+    _col_probe[(p,)](ameta.residues, out, meta.first_block, kv_len, local, stride, NK=npow, BS=block)
+    out = out.view(p, 3, npow)[:, :, :nk].cpu()
+    for pat in range(p):
+        for j in range(nk):
+            cs, ce = meta.col_ptr[pat, j].item(), meta.col_ptr[pat, j + 1].item()
+            assert bool(out[pat, 0, j]) == (ce > cs), (pat, j)
+            if ce > cs:
+                assert (out[pat, 1, j].item(), out[pat, 2, j].item()) == (
+                    meta.col_rows[cs].item(), meta.col_rows[ce - 1].item()), (pat, j)
 
 
 def test_sparse_differs_from_dense_at_test_lengths():

@@ -4,7 +4,13 @@ Terms (see ``s2megatron/sparsity/metadata.py``): a *query tile* is ``BLOCK_M = r
 positions starting at absolute block ``first_block + tile * rows_per_tile``; its *row list* holds the kept key blocks
 (union over the tile's rows, Merge-Q) and, per entry, the last row of the tile that keeps it (``row_last``); for an
 S2Layout the kernels compute that list from the pattern formula instead of loading it (``ANALYTIC``). A *key tile* of
-the dK/dV pass is ``BLOCK_N`` consecutive key positions; its query rows come from the column lists.
+the dK/dV pass is ``BLOCK_N`` consecutive key positions; its query rows come from the column lists (for an S2Layout,
+from the formula too).
+
+*Interior* tiles (FAST path: an S2Layout, or a KV-cache-efficient layout in dK/dV, with whole layout blocks per key
+tile) are kept by every row of the query tile and lie entirely on one side of the diagonal: they are loaded and
+computed without masks and with scalar addressing; only the few boundary tiles (the diagonal, the first local blocks,
+the tail past the sequence end) take the masked path.
 
 Positions are absolute within a sequence (a KV prefix of ``past = kv_len - q_len`` tokens precedes the queries; a
 packed varlen sequence starts at position 0 and token ``cu_seqlens[b]``). Scores are kept in base 2: ``qk_scale`` is
@@ -194,6 +200,29 @@ def _dkdv_step(k, v, q, do, dk, dv, lse2, delta, qk_scale, need_mask, k_pos, q_p
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
+
+
+@triton.jit
+def _col_run(COL_ROWS, RESIDUES, cp, pat, j, ok, first_block, kv_end, local_blocks, vert_stride,
+             BS: tl.constexpr, ANALYTIC: tl.constexpr):
+    """The run of query blocks keeping key block ``j`` (scalar or vector; ``ok`` false past the keys) under
+    pattern ``pat`` of a KV-cache-efficient layout: (any kept, first, last), relative to ``first_block``.
+    ANALYTIC (S2Layout): from the formula (a stripe or a dense head keeps j to the last query block, a local block
+    for ``local_blocks`` rows), so no column lists exist; otherwise the first and last entries of ``col_rows``."""
+    if ANALYTIC:
+        r = tl.load(RESIDUES + pat)
+        last = (kv_end - 1) // BS
+        stripe = (r < 0) | (j % vert_stride == r)
+        hi = tl.where(stripe, last, tl.minimum(j + local_blocks - 1, last)) - first_block
+        lo = tl.maximum(j, first_block) - first_block
+        has = ok & (hi >= lo)
+    else:
+        cs = tl.load(cp + j, mask=ok, other=0)
+        ce = tl.load(cp + j + 1, mask=ok, other=0)
+        has = ce > cs
+        hi = tl.load(COL_ROWS + ce - 1, mask=has, other=-1)
+        lo = tl.load(COL_ROWS + cs, mask=has, other=0)
+    return has, lo, hi
 
 
 @triton.jit
@@ -405,14 +434,14 @@ def s2_bwd_dq_kernel(
 
 @_jit_dynamic
 def s2_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, COL_PTR, COL_ROWS,
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, COL_PTR, COL_ROWS, RESIDUES,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
-    sm_scale, qk_scale, q_len, kv_len, num_key_blocks, first_block, num_kv_heads, group,
+    sm_scale, qk_scale, q_len, kv_len, num_key_blocks, first_block, num_kv_heads, group, local_blocks, vert_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, RUN: tl.constexpr,
-    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr,
 ):
     """dK/dV of one key tile of one kv head, summed over the query heads of its GQA group in order.
 
@@ -459,12 +488,10 @@ def s2_bwd_dkdv_kernel(
         do_base = DO + off_b * stride_dob + h * stride_doh + qrow0 * stride_dos
         l_off = off_b * stride_lb + h * stride_lh + qrow0
         if FAST:
-            j = k_pos0 // BS
-            cs = tl.load(cp + j)
-            ce = tl.load(cp + j + 1)
-            has = ce > cs
-            hi_b = tl.load(COL_ROWS + ce - 1, mask=has, other=-1)  # last keeping query block (relative)
-            lo_b = tl.load(COL_ROWS + cs, mask=has, other=0)
+            has, lo_b, hi_b = _col_run(COL_ROWS, RESIDUES, cp, pat, k_pos0 // BS, k_pos0 < kv_end, first_block, kv_end,
+                                       local_blocks, vert_stride, BS, ANALYTIC)
+            hi_b = tl.where(has, hi_b, -1)  # last keeping query block (relative to first_block)
+            lo_b = tl.where(has, lo_b, 0)
             q_lo = (first_block + lo_b) * BS
             q_end = (first_block + hi_b + 1) * BS
             n_tot = tl.where(has, (q_end - q_lo + BLOCK_M - 1) // BLOCK_M, 0)
@@ -482,11 +509,10 @@ def s2_bwd_dkdv_kernel(
             hi = tl.zeros([BLOCK_N], tl.int32) + hi_b
             hi_min = hi_b
         elif RUN:
-            cs = tl.load(cp + j_col, mask=jc_ok, other=0)
-            ce = tl.load(cp + j_col + 1, mask=jc_ok, other=0)
-            has = ce > cs
-            hi = tl.where(has, tl.load(COL_ROWS + ce - 1, mask=has, other=-1), -1)  # last keeping query block
-            lo = tl.where(has, tl.load(COL_ROWS + cs, mask=has, other=0), 1 << 30)
+            has, lo, hi = _col_run(COL_ROWS, RESIDUES, cp, pat, j_col, jc_ok, first_block, kv_end, local_blocks,
+                                   vert_stride, BS, ANALYTIC)
+            hi = tl.where(has, hi, -1)  # last keeping query block
+            lo = tl.where(has, lo, 1 << 30)
             hi_max = tl.max(hi, 0)
             lo_min = tl.minimum(tl.min(lo, 0), hi_max + 1)
             hi_min = tl.min(tl.where(k_ok, hi, hi_max), 0)

@@ -1,18 +1,22 @@
 """Launchers, the ``torch.library`` custom ops and their autograd.
 
 The ops take the layout as an integer key into a process-wide registry, so that ``torch.compile`` sees one opaque
-op per call (no graph break) and the metadata (cached by :func:`get_metadata`) is looked up at run time, outside
-any graph. Neither launcher reads device memory on the host: forward and backward are CUDA-graph capturable once the
-metadata of a shape has been built (the first call builds it).
+op per call (no graph break) and the metadata is looked up at run time, outside any graph. An S2Layout needs no
+lists: the kernels compute its row and column walks from the pattern formula and read only each head's stripe
+residue (:class:`_AnalyticMeta`); other layouts read the CSR lists of :func:`get_metadata`. Both are cached per shape.
+Neither launcher reads device memory on the host: forward and backward are CUDA-graph capturable once the metadata
+of a shape has been built (the first call builds it).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from ...sparsity.layout import Layout, S2Layout
+from ...sparsity.layout import Layout, S2Layout, query_block_range
 from ...sparsity.metadata import BlockMetadata, get_metadata
 from . import config as _config
 from . import kernels as _kernels
@@ -65,11 +69,37 @@ def _merge_allowed(layout: Layout) -> bool:
     return bool(layout.is_kv_cache_efficient())
 
 
+@dataclass(frozen=True)
+class _AnalyticMeta:
+    """What the kernels read for an S2Layout: the tiling and each head's pattern (its stripe residue, -1 for a
+    dense head). Row and column lists are computed in the kernels from the formula, so none are built; their
+    pointer arguments get ``head_to_pattern`` as a placeholder that is never read."""
+
+    first_block: int
+    last_block: int
+    num_tiles: int
+    num_key_blocks: int
+    head_to_pattern: torch.Tensor
+    residues: torch.Tensor
+
+    @property
+    def row_ptr(self):
+        return self.head_to_pattern
+
+    row_cols = row_last = col_ptr = col_rows = row_ptr
+
+
 @lru_cache(maxsize=256)
-def _residues(layout: S2Layout, num_heads, num_kv_heads, head_offset, total_heads, total_kv_heads, device):
-    """Stripe residue of each distinct pattern (-1 = dense), in the metadata's pattern order."""
+def _analytic_meta(layout: S2Layout, num_heads, num_kv_heads, head_offset, total_heads, total_kv_heads, q_len,
+                   kv_len, rows_per_tile, device) -> _AnalyticMeta:
     heads = layout.resolve(num_heads, num_kv_heads, head_offset, total_heads, total_kv_heads)
-    return torch.tensor(layout.head_patterns(heads).residues, dtype=torch.int32, device=device)
+    patterns = layout.head_patterns(heads)
+    first, last = query_block_range(q_len, kv_len, layout.block_size)
+    return _AnalyticMeta(
+        first_block=first, last_block=last, num_tiles=(last - first) // rows_per_tile + 1,
+        num_key_blocks=math.ceil(kv_len / layout.block_size),
+        head_to_pattern=torch.tensor(patterns.head_to_pattern, dtype=torch.int32, device=device),
+        residues=torch.tensor(patterns.residues, dtype=torch.int32, device=device))
 
 
 def _interpreting() -> bool:
@@ -100,15 +130,20 @@ class _Plan:
         self.cfg = _config.tile_config(self.block_size, self.head_dim, self.merge_q, q.element_size(),
                                        gather_keys=self.analytic)
         self.block_d = _config.block_d(self.head_dim)
-        self.meta: BlockMetadata = get_metadata(
-            layout, self.num_heads, self.q_len, self.kv_len, num_kv_heads=self.num_kv_heads,
-            head_offset=head_offset, total_heads=total_heads or None, total_kv_heads=total_kv_heads or None,
-            device=q.device, rows_per_tile=self.cfg.block_m // self.block_size)
+        rows_per_tile = self.cfg.block_m // self.block_size
         if self.analytic:
-            self.residues = _residues(layout, self.num_heads, self.num_kv_heads, head_offset, total_heads or None,
-                                      total_kv_heads or None, self.meta.head_to_pattern.device)
+            device = q.device
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            self.meta = _analytic_meta(layout, self.num_heads, self.num_kv_heads, head_offset, total_heads or None,
+                                       total_kv_heads or None, self.q_len, self.kv_len, rows_per_tile, device)
+            self.residues = self.meta.residues
             self.local_blocks, self.vert_stride = layout.local_blocks, layout.vert_stride
         else:
+            self.meta: BlockMetadata = get_metadata(
+                layout, self.num_heads, self.q_len, self.kv_len, num_kv_heads=self.num_kv_heads,
+                head_offset=head_offset, total_heads=total_heads or None, total_kv_heads=total_kv_heads or None,
+                device=q.device, rows_per_tile=rows_per_tile)
             self.residues, self.local_blocks, self.vert_stride = self.meta.head_to_pattern, 1, 1
         if self.meta.num_tiles > 65535:
             raise ValueError(f"{self.meta.num_tiles} query tiles exceed the launch grid (65535); pass max_seqlen "
@@ -186,11 +221,12 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
         ANALYTIC=plan.analytic,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common)
     _kernels.s2_bwd_dkdv_kernel[(plan.batch * plan.num_kv_heads, triton_cdiv(plan.kv_len, cfg.dkdv_block_n))](
-        q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows,
+        q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, plan.residues,
         *strides, *_qkv_strides(dk, plan.varlen), *_qkv_strides(dv, plan.varlen), *_lse_strides(lse, plan.varlen),
         sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
-        plan.num_kv_heads, plan.group, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-        RUN=plan.merge_q, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common)
+        plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.dkdv_block_m,
+        BLOCK_N=cfg.dkdv_block_n, RUN=plan.merge_q, ANALYTIC=plan.analytic, num_warps=cfg.dkdv_warps,
+        num_stages=cfg.dkdv_stages, **common)
     return dq, dk, dv
 
 
