@@ -4,18 +4,15 @@ Without CUDA the Triton kernel runs under the interpreter (TRITON_INTERPRET=1, s
 before the kernel is decorated); the PyTorch fallback (CPU without the interpreter) is checked by the same tests.
 """
 import importlib
-import os
 import types
 
 import pytest
 import torch
 
-# The interpreter is chosen when a kernel is decorated, so it must be on while the module is imported; it is switched
-# on only without CUDA, and only while this module imports and runs (other tests see the environment as it was).
-_CPU = not torch.cuda.is_available()
-_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if _CPU:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import CPU as _CPU  # noqa: E402
+from triton_interpret import DEVICE, InterpreterEnv  # noqa: E402
+
+_ENV = InterpreterEnv()  # before triton and the kernel are imported
 
 import triton  # noqa: E402,F401
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -27,23 +24,10 @@ from s2megatron.model import rope  # noqa: E402
 if _CPU and not isinstance(rope._rope_row_kernel, InterpretedFunction):
     importlib.reload(rope)  # imported earlier without the interpreter: decorate the kernel again
 
-DEVICE = "cpu" if _CPU else "cuda"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def _restore_interpret_env():
-    if _SAVED_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    if _CPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret_env()
+_interpreter_env = _ENV.fixture()
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -299,4 +283,4 @@ def test_gpu_training_size(dtype):
     check_fwd_bwd(lambda x: rope.fused_apply_rotary_pos_emb(x, freqs), t, freqs[:, 0, 0], seed=15, leaf=qkv)
 
 
-_restore_interpret_env()  # after this module's kernel is decorated: other modules see the environment as it was
+_ENV.restore()  # after this module's kernel is decorated: other modules see the environment as it was

@@ -6,18 +6,14 @@ every length reaches well past local_blocks * block_size, where the pattern diff
 """
 import importlib
 import math
-import os
 
 import pytest
 import torch
 
-# The interpreter is chosen when a kernel is decorated, so it must be on while triton.language and the kernels are
-# imported; it is switched on only without CUDA, and only while this module imports and runs (other tests see the
-# environment as it was).
-_CPU = not torch.cuda.is_available()
-_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if _CPU:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import CPU as _CPU  # noqa: E402
+from triton_interpret import DEVICE, InterpreterEnv  # noqa: E402
+
+_ENV = InterpreterEnv()  # before triton and the kernels are imported
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -38,24 +34,11 @@ from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import BlockMaskLayout, S2Layout, get_metadata  # noqa: E402
 
-DEVICE = "cpu" if _CPU else "cuda"
 if _CPU and not isinstance(_kernels.s2_fwd_kernel, InterpretedFunction):
     importlib.reload(_kernels)  # the kernels were imported before the interpreter was on: decorate them again
 
 
-def _restore_interpret_env():
-    if _SAVED_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    if _CPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret_env()
+_interpreter_env = _ENV.fixture()
 
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}
@@ -424,4 +407,4 @@ def test_bad_inputs_raise():
         triton_s2_attention(q[0], k[0], v[0], lay, sm_scale=0.1, cu_seqlens=cu, max_seqlen=65)
 
 
-_restore_interpret_env()  # after this module's kernels are decorated
+_ENV.restore()  # after this module's kernels are decorated

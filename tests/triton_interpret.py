@@ -1,0 +1,49 @@
+"""Triton kernels on the CPU in tests: Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The interpreter is chosen when a kernel is decorated, so it must be on while a test module imports triton and the
+kernels. It is switched on only without CUDA (on a GPU the same tests run the compiled kernels), and only while that
+module imports and runs, so other tests see the environment as it was.
+
+    from triton_interpret import CPU, DEVICE, InterpreterEnv
+    _ENV = InterpreterEnv()                # on now (without CUDA)
+    import triton ...                      # then the kernels
+    _interpreter_env = _ENV.fixture()      # on again while this module's tests run, restored after
+    ...
+    _ENV.restore()                         # last line of the module: restored after its import
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CPU = not torch.cuda.is_available()
+DEVICE = "cpu" if CPU else "cuda"
+
+
+class InterpreterEnv:
+    """Switches ``TRITON_INTERPRET`` on (without CUDA) and restores the value it had before."""
+
+    def __init__(self):
+        self.saved = os.environ.get("TRITON_INTERPRET")
+        self.on()
+
+    def on(self) -> None:
+        if CPU:
+            os.environ["TRITON_INTERPRET"] = "1"
+
+    def restore(self) -> None:
+        if self.saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = self.saved
+
+    def fixture(self):
+        """A module-scoped autouse fixture: the interpreter on while the module's tests run."""
+        @pytest.fixture(autouse=True, scope="module")
+        def _interpreter_env():
+            self.on()
+            yield
+            self.restore()
+        return _interpreter_env
