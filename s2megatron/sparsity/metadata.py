@@ -178,6 +178,12 @@ def _with_end(ptr_start: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.cat([ptr_start, nxt.view(ptr_start.shape)[:, -1:]], dim=1).to(torch.int32)
 
 
+def tiling(layout: Layout, q_len: int, kv_len: int, rows_per_tile: int = 1) -> tuple:
+    """(first query block, last query block, query tiles of ``rows_per_tile`` blocks, key blocks) of a call."""
+    first, last = query_block_range(q_len, kv_len, layout.block_size)
+    return first, last, (last - first) // rows_per_tile + 1, math.ceil(kv_len / layout.block_size)
+
+
 def build_metadata(layout: Layout, num_heads: int, q_len: int, kv_len: Optional[int] = None, *,
                    num_kv_heads=None, head_offset: int = 0, total_heads=None, total_kv_heads=None,
                    device=None, rows_per_tile: int = 1) -> BlockMetadata:
@@ -192,8 +198,7 @@ def build_metadata(layout: Layout, num_heads: int, q_len: int, kv_len: Optional[
     device = torch.device("cpu") if device is None else torch.device(device)
     heads = layout.resolve(num_heads, num_kv_heads, head_offset, total_heads, total_kv_heads)
     patterns = layout.head_patterns(heads, device)
-    first, last = query_block_range(q_len, kv_len, layout.block_size)
-    nk = math.ceil(kv_len / layout.block_size)
+    first, last, _, nk = tiling(layout, q_len, kv_len, rows_per_tile)
     if isinstance(layout, S2Layout):
         rstart, rtotal, cols, row_last = _stride_rows(layout, patterns.residues, first, last, rows_per_tile, device)
         cstart, ctotal, rows = _stride_cols(layout, patterns.residues, first, last, nk, device)

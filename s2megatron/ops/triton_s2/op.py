@@ -9,15 +9,14 @@ of a shape has been built (the first call builds it).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from ...sparsity.layout import Layout, S2Layout, query_block_range
-from ...sparsity.metadata import BlockMetadata, get_metadata
+from ...sparsity.layout import Layout, S2Layout
+from ...sparsity.metadata import BlockMetadata, get_metadata, tiling
 from . import config as _config
 from . import kernels as _kernels
 
@@ -94,10 +93,9 @@ def _analytic_meta(layout: S2Layout, num_heads, num_kv_heads, head_offset, total
                    kv_len, rows_per_tile, device) -> _AnalyticMeta:
     heads = layout.resolve(num_heads, num_kv_heads, head_offset, total_heads, total_kv_heads)
     patterns = layout.head_patterns(heads)
-    first, last = query_block_range(q_len, kv_len, layout.block_size)
+    first, last, num_tiles, num_key_blocks = tiling(layout, q_len, kv_len, rows_per_tile)
     return _AnalyticMeta(
-        first_block=first, last_block=last, num_tiles=(last - first) // rows_per_tile + 1,
-        num_key_blocks=math.ceil(kv_len / layout.block_size),
+        first_block=first, last_block=last, num_tiles=num_tiles, num_key_blocks=num_key_blocks,
         head_to_pattern=torch.tensor(patterns.head_to_pattern, dtype=torch.int32, device=device),
         residues=torch.tensor(patterns.residues, dtype=torch.int32, device=device))
 
