@@ -2,7 +2,8 @@
 plain PyTorch model (same weights, same batches, megatron's schedule and DDP, one process).
 
 CPU: the fused RoPE (``apply_rope_fusion`` with our kernel; megatron's other fusions are torch.compile-generated and
-meant for CUDA). GPU: every fusion ``train.fusions`` turns on, in bf16.
+meant for CUDA). GPU: every fusion ``train.fusions`` turns on, in bf16 (SwiGLU, bias-dropout-add, cross-entropy, RoPE,
+and our RMSNorm).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def _loss_and_grads(fusions, overrides, precision, state, batches):
     if state is not None:
         load_weights(chunks, state)
     weights = gathered_state(chunks, grads=False)
-    flags = (config.apply_rope_fusion, config.bias_activation_fusion, config.cross_entropy_loss_fusion)
+    flags = (config.apply_rope_fusion, config.bias_activation_fusion, config.cross_entropy_loss_fusion,
+             config.s2_fused_norm)
     model = wrap_ddp(chunks, config, ddp_config)
     loss = train_steps(model, config, batches)[0]
     grads = gathered_state(model, grads=True)
@@ -56,7 +58,7 @@ BACKEND = "nccl" if torch.cuda.is_available() else "gloo"
 
 def test_fused_rope_model_matches_unfused():
     (r,) = run_gloo(_cpu_case, 1, backend=BACKEND)
-    assert r["ref_flags"] == (False, False, False) and r["flags"] == (True, False, False)
+    assert r["ref_flags"] == (False,) * 4 and r["flags"] == (True, False, False, False)
     assert abs(r["loss"] - r["ref_loss"]) < 1e-5, r
     assert r["worst"] < 1e-4 and r["count"] > 10, r
 
@@ -64,7 +66,7 @@ def test_fused_rope_model_matches_unfused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_all_fusions_match_plain_pytorch_bf16():
     (r,) = run_gloo(_gpu_case, 1, backend=BACKEND)
-    assert r["ref_flags"] == (False, False, False) and r["flags"] == (True, True, True)
+    assert r["ref_flags"] == (False,) * 4 and r["flags"] == (True,) * 4
     assert abs(r["loss"] - r["ref_loss"]) < 2e-2, r
     assert r["worst"] < 5e-2 and r["count"] > 10, r
 

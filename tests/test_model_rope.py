@@ -3,26 +3,22 @@
 Without CUDA the Triton kernel runs under the interpreter (TRITON_INTERPRET=1, set only when CUDA is absent and
 before the kernel is decorated); the PyTorch fallback (CPU without the interpreter) is checked by the same tests.
 """
-import importlib
 import types
 
 import pytest
 import torch
 
 from triton_interpret import CPU as _CPU  # noqa: E402
-from triton_interpret import DEVICE, InterpreterEnv  # noqa: E402
+from triton_interpret import DEVICE, InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernel are imported
 
-import triton  # noqa: E402,F401
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from megatron.core.models.common.embeddings import rope_utils  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from s2megatron.model import rope  # noqa: E402
 
-if _CPU and not isinstance(rope._rope_row_kernel, InterpretedFunction):
-    importlib.reload(rope)  # imported earlier without the interpreter: decorate the kernel again
+rope = interpreted(rope, "_rope_row_kernel")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -88,6 +89,45 @@ def test_signal_finishes_the_step_saves_and_exits(tmp_path, cache, monkeypatch):
     assert result.stopped_by_signal and result.final_step == 3
     assert (out / "ckpt" / "latest").read_text().strip() == "iter_0000003"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handler removed again
+
+
+def test_nan_gradients_stop_before_the_update_and_keep_the_checkpoint(tmp_path, cache, monkeypatch):
+    import torch
+
+    from s2megatron.training import step as step_module
+
+    real_step = step_module.train_step
+    calls = {"n": 0}
+    seen = {}
+
+    def nan_loss(loss_mask, output_tensor):
+        loss_sum, num_tokens, report = step_module.lm_loss(loss_mask, output_tensor)
+        return loss_sum * float("nan"), num_tokens, report
+
+    def step_with_nan_on_the_fifth(model, optimizer, *args, **kwargs):
+        calls["n"] += 1
+        seen["overlap"] = model[0].ddp_config.overlap_grad_reduce  # one data-parallel rank: nothing to overlap
+        if calls["n"] != 5:
+            return real_step(model, optimizer, *args, **kwargs)
+        before = [p.detach().clone() for chunk in model for p in chunk.parameters()]
+        kwargs["forward_step"] = step_module.make_forward_step(kwargs["device"], nan_loss)
+        try:
+            return real_step(model, optimizer, *args, **kwargs)
+        finally:
+            after = [p.detach() for chunk in model for p in chunk.parameters()]
+            seen["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after))
+            seen["grads_nan"] = any(torch.isnan(buf.grad_data).any().item() for chunk in model
+                                    for buf in chunk.buffers)
+
+    monkeypatch.setattr(step_module, "train_step", step_with_nan_on_the_fifth)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="gradients are NaN or Inf at step 5"):
+        train(["train.steps=8", "train.save_interval=2"], out_dir=out, cache_dir=cache)
+    assert seen == {"overlap": False, "unchanged": True, "grads_nan": True}
+    assert (out / "ckpt" / "latest").read_text().strip() == "iter_0000004"
+    monkeypatch.setattr(step_module, "train_step", real_step)
+    resumed = train(["train.steps=6"], out_dir=out, cache_dir=cache)
+    assert resumed.first_step == 5 and all(map(math.isfinite, resumed.losses))
 
 
 def test_activation_recompute_switches_give_the_same_steps(tmp_path, cache):

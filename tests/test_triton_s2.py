@@ -4,28 +4,18 @@ Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, s
 before the kernels are decorated); with CUDA the same tests run on the GPU. Sizes are small (CI: 2 CPU cores) but
 every length reaches well past local_blocks * block_size, where the pattern differs from dense causal.
 """
-import importlib
 import math
 
 import pytest
 import torch
 
 from triton_interpret import CPU as _CPU  # noqa: E402
-from triton_interpret import DEVICE, InterpreterEnv  # noqa: E402
+from triton_interpret import DEVICE, InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-if _CPU and not isinstance(tl.zeros, InterpretedFunction):
-    # triton was imported earlier in this process without the interpreter: decorate its library functions again
-    import triton.language.standard as _tl_standard
-    importlib.reload(_tl_standard)
-    for _name, _fn in vars(_tl_standard).items():
-        if isinstance(_fn, InterpretedFunction) and hasattr(tl, _name):
-            setattr(tl, _name, _fn)
 
 from s2megatron.ops import s2_attention  # noqa: E402
 from s2megatron.ops.reference import reference_attention  # noqa: E402
@@ -34,8 +24,7 @@ from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import BlockMaskLayout, S2Layout, get_metadata  # noqa: E402
 
-if _CPU and not isinstance(_kernels.s2_fwd_kernel, InterpretedFunction):
-    importlib.reload(_kernels)  # the kernels were imported before the interpreter was on: decorate them again
+_kernels = interpreted(_kernels, "s2_fwd_kernel")
 
 
 _interpreter_env = _ENV.fixture()

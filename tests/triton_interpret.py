@@ -4,15 +4,17 @@ The interpreter is chosen when a kernel is decorated, so it must be on while a t
 kernels. It is switched on only without CUDA (on a GPU the same tests run the compiled kernels), and only while that
 module imports and runs, so other tests see the environment as it was.
 
-    from triton_interpret import CPU, DEVICE, InterpreterEnv
+    from triton_interpret import CPU, DEVICE, InterpreterEnv, interpreted
     _ENV = InterpreterEnv()                # on now (without CUDA)
-    import triton ...                      # then the kernels
+    from s2megatron.model import rope      # then the kernels
+    rope = interpreted(rope, "_rope_row_kernel")   # decorated again if imported earlier without the interpreter
     _interpreter_env = _ENV.fixture()      # on again while this module's tests run, restored after
     ...
     _ENV.restore()                         # last line of the module: restored after its import
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -47,3 +49,24 @@ class InterpreterEnv:
             yield
             self.restore()
         return _interpreter_env
+
+
+def interpreted(module, kernel_name: str):
+    """``module`` with its Triton kernels (``kernel_name`` is one of them) decorated under the interpreter, when
+    running without CUDA. Triton decorates a kernel when it is defined, so a kernel module (and triton's own
+    library functions such as ``tl.sum``) imported earlier in this process without the interpreter is reloaded.
+    Call with the interpreter on (after :class:`InterpreterEnv`)."""
+    if not CPU:
+        return module
+    import triton.language as tl
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.sum, InterpretedFunction):
+        importlib.reload(tl_standard)
+        for name, fn in vars(tl_standard).items():
+            if isinstance(fn, InterpretedFunction) and hasattr(tl, name):
+                setattr(tl, name, fn)
+    if not isinstance(getattr(module, kernel_name), InterpretedFunction):
+        module = importlib.reload(module)
+    return module

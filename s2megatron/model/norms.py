@@ -4,10 +4,15 @@ megatron-core's torch fallback (``WrappedTorchNorm``) refuses ``sequence_paralle
 each tensor-parallel rank normalises a different slice of the sequence, so the norm weights receive partial
 gradients; tagging the parameters ``sequence_parallel`` makes ``finalize_model_grads`` sum them over the
 tensor-parallel group (what TE and apex norms do too).
+
+With ``config.s2_fused_norm`` set, :class:`S2RMSNorm` computes with the fused RMSNorm of :mod:`.rmsnorm` (Triton
+kernels on CUDA, the same float32 math in PyTorch on the CPU).
 """
 from __future__ import annotations
 
 import torch
+
+from . import rmsnorm
 
 
 def _check_norm_config(config) -> None:
@@ -37,12 +42,23 @@ class S2LayerNorm(torch.nn.LayerNorm):
 
 
 class S2RMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` built from a TransformerConfig, sequence-parallel aware. Input ``[..., hidden]``."""
+    """``torch.nn.RMSNorm`` built from a TransformerConfig, sequence-parallel aware. Input ``[..., hidden]``.
+
+    ``config.s2_fused_norm`` (default False) selects :func:`.rmsnorm.fused_rms_norm` for the forward and backward
+    pass; otherwise this is ``torch.nn.RMSNorm.forward`` unchanged."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
         _check_norm_config(config)
         super().__init__(hidden_size, eps=eps, **_factory_kwargs(config))
         _tag_sequence_parallel(self, config)
+        self.fused = bool(getattr(config, "s2_fused_norm", False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused or self.weight is None:
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # torch.nn.RMSNorm's default
+        # the module attribute, not an imported name: a reload of .rmsnorm (tests, the interpreter) is seen here
+        return rmsnorm.fused_rms_norm(x, self.weight, eps)
 
 
 class S2Norm:

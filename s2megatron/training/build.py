@@ -61,11 +61,16 @@ def build_model(cfg: Mapping, plan: RunPlan, config, *, vocab_size: int, device:
         chunks.append(model)
     if not wrap_ddp:
         return chunks
+    # With one data-parallel rank there is no reduce to overlap: the gradient buffer is then one bucket, so the
+    # backward pass launches no per-bucket communication. Non-finite gradients are caught once per step, before
+    # the update (step.check_grads_finite), not per bucket: megatron's per-bucket check reads each bucket's norm
+    # back to the host in the middle of the backward pass, which stalls the GPU.
+    overlap = bool(cfg.train.overlap_grad_reduce) and ps.get_data_parallel_world_size() > 1
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=plan.precision != "fp32",
-        overlap_grad_reduce=bool(cfg.train.overlap_grad_reduce),
+        overlap_grad_reduce=overlap,
         use_distributed_optimizer=bool(cfg.parallel.get("distributed_optimizer", False)),
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,
     )
     # Chunks after the first reduce their grads as one bucket: under the interleaved schedule that reduce already
     # overlaps with the other chunks' compute (as in Megatron-LM).
@@ -95,7 +100,7 @@ def build_optimizer(cfg: Mapping, plan: RunPlan, config, model: List[torch.nn.Mo
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [chunk.no_sync for chunk in model]
     config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
-    if cfg.train.overlap_grad_reduce:
+    if model[0].ddp_config.overlap_grad_reduce:
         grad_sync = [chunk.start_grad_sync for chunk in model]
         config.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
     return optimizer

@@ -74,9 +74,34 @@ def _sum_reports(reports: Sequence[Dict], key: str, device) -> torch.Tensor:
     return total
 
 
+def check_grads_finite(model: List[torch.nn.Module], step: Optional[int] = None) -> None:
+    """Raise FloatingPointError, on every rank alike, when this rank's gradient buffers hold a NaN or an Inf.
+
+    Called after the backward pass and the data-parallel reduce, before the optimizer applies the gradients, so
+    the parameters, the optimizer state and every checkpoint keep their last finite values. Costs one read of
+    the gradient buffers and one flag all-reduced over all ranks (a rank may see a NaN its peers don't: its
+    local gradients, or its shard under the distributed optimizer)."""
+    sums = [buf.grad_data.sum() for chunk in model
+            for buf in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", [])]
+    if not sums:
+        return
+    bad = (~torch.isfinite(torch.stack(sums).float())).any().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        at = "" if step is None else f" at step {step}"
+        raise FloatingPointError(
+            f"gradients are NaN or Inf{at} (on at least one rank); the update was not applied, so the parameters "
+            "and the latest checkpoint are unchanged. Lower optim.lr, set optim.clip_grad > 0, or check the data")
+
+
 def train_step(model: List[torch.nn.Module], optimizer, data_iterators, *, num_microbatches: int, seq_len: int,
-               micro_batch: int, device: torch.device, forward_step=None) -> StepOutput:
-    """Zero grads, forward/backward over ``num_microbatches`` micro-batches, optimizer step (with clipping)."""
+               micro_batch: int, device: torch.device, forward_step=None, check_finite: bool = True,
+               step: Optional[int] = None) -> StepOutput:
+    """Zero grads, forward/backward over ``num_microbatches`` micro-batches, optimizer step (with clipping).
+
+    ``check_finite``: raise before the update when a gradient is NaN/Inf (:func:`check_grads_finite`); off for
+    fp16, whose loss scaler skips overflowing steps itself. ``step``: the step number, for that message."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -88,6 +113,8 @@ def train_step(model: List[torch.nn.Module], optimizer, data_iterators, *, num_m
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
         model=model, num_microbatches=num_microbatches, seq_length=seq_len, micro_batch_size=micro_batch,
         decoder_seq_length=seq_len, forward_only=False)
+    if check_finite:
+        check_grads_finite(model, step)
     update_ok, grad_norm, _ = optimizer.step()
     total = _sum_reports(reports, "lm", device)
     dist.all_reduce(total, group=ps.get_data_parallel_group())

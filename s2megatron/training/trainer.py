@@ -304,7 +304,8 @@ class Trainer:
                 lr = self.lr_schedule.apply(self.optimizer, self.step)
                 t0 = time.perf_counter()
                 out = train_step(self.model, self.optimizer, iterators, num_microbatches=self.plan.num_microbatches,
-                                 seq_len=t.seq_len, micro_batch=t.micro_batch, device=self.device)
+                                 seq_len=t.seq_len, micro_batch=t.micro_batch, device=self.device,
+                                 check_finite=self.plan.precision != "fp16", step=self.step + 1)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0

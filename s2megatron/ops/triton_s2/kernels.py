@@ -237,6 +237,87 @@ def _fast_split(n_ent, w0, w1, w2, w3, width, ROWS: tl.constexpr):
     return nvert + i0 - local_start - m1, local_start + m1, m1, i1 - i0 + 1
 
 
+@triton.jit
+def _query_tile(CU_SEQLENS, q_len, kv_len, num_tiles, first_block, num_heads,
+                BS: tl.constexpr, ROWS: tl.constexpr, VARLEN: tl.constexpr):
+    """The query tile of this program (axis 0: batch entry x query head; axis 1: tiles, latest first, since their
+    rows are the longest): (batch entry, query head, tile, first query position of the tile, and ``_seq_bounds``).
+    The caller returns when the tile starts at or past ``kv_end`` (a short packed sequence), and only then derives
+    the int64 batch offset and the kv head: derived before that branch, they raise the kernels' register count."""
+    pid_bh = tl.program_id(0)
+    tile = num_tiles - 1 - tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
+    tile_pos0 = (first_block + tile * ROWS) * BS
+    return b, h, tile, tile_pos0, seq_start, kv_end, past
+
+
+@triton.jit
+def _tile_rows(tile_pos0, seq_start, kv_end, past, BLOCK_M: tl.constexpr):
+    """Rows of a query tile: (row offsets, query positions, which rows are queries, token row of tile row 0). Row 0
+    may precede the queries (a tile starts on a layout block); rows outside the queries are masked on every access."""
+    offs_m = tl.arange(0, BLOCK_M)
+    q_pos = tile_pos0 + offs_m
+    q_ok = (q_pos >= past) & (q_pos < kv_end)
+    return offs_m, q_pos, q_ok, seq_start + (tile_pos0 - past).to(tl.int64)
+
+
+@triton.jit
+def _key_tile_split(n_ent, w0, w1, w2, w3, width,
+                    BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr):
+    """Key tiles of a row walk: (interior count, masked count, mid_start, m1). FAST: the ``_fast_split`` of the walk,
+    counted in key tiles (BS // BLOCK_N per entry). Otherwise every key tile of the walk is a masked one (mid_start
+    and m1 unused)."""
+    if FAST:
+        n_in, mid_start, m1, n_diag = _fast_split(n_ent, w0, w1, w2, w3, width, ROWS)
+        return n_in * (BS // BLOCK_N), (m1 + n_diag) * (BS // BLOCK_N), mid_start, m1
+    elif BS >= BLOCK_N:
+        return 0, n_ent * (BS // BLOCK_N), 0, 0
+    else:
+        return 0, (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS), 0, 0
+
+
+@triton.jit
+def _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks, stride_vs, d_ok,
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V of interior key tile ``it`` (FAST, ``_key_tile_split``): the w1 stripes ``w0 + e * vert_stride``,
+    then the local blocks from ``mid_start``. Loaded without masks at the scalar offset of the tile; ``k_off`` and
+    ``v_off`` are the loop-invariant [BLOCK_N, BLOCK_D] offsets within a tile."""
+    SUBS: tl.constexpr = BS // BLOCK_N
+    e = it // SUBS
+    j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
+    k_pos0 = (j * BS + (it % SUBS) * BLOCK_N).to(tl.int64)
+    k = _load_rows(k_base + k_pos0 * stride_ks + k_off, None, d_ok, EVEN_D, UPCAST)
+    v = _load_rows(v_base + k_pos0 * stride_vs + v_off, None, d_ok, EVEN_D, UPCAST)
+    return k, v
+
+
+@triton.jit
+def _masked_kv(itm, n_ent, w0, w1, w2, w3, width, m1, vert_stride, tile_pos0, kv_end, ROW_COLS, ROW_LAST,
+               k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, d_ok,
+               BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
+               ANALYTIC: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V of masked key tile ``itm``, with what its mask needs: (k, v, key positions, last keeping row per key,
+    whether any score needs masking). FAST: ``itm`` counts the masked tiles only (the first m1 local blocks, then
+    the diagonal blocks) and is mapped to its index in the full walk; otherwise it is that index."""
+    if FAST:
+        SUBS: tl.constexpr = BS // BLOCK_N
+        e = itm // SUBS
+        it = (tl.where(e < m1, w1 + e, w1 + w3 - w2 + e - m1)) * SUBS + itm % SUBS
+    else:
+        it = itm
+    k_pos, k_pos0, k_rel, row_last, need_mask = _row_key_tile(
+        it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_COLS, ROW_LAST, offs_n, BS, BLOCK_N, ROWS,
+        ANALYTIC)
+    k_ok = k_pos < kv_end
+    k = _load_rows(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], k_ok, d_ok,
+                   EVEN_D, UPCAST)
+    v = _load_rows(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], k_ok, d_ok,
+                   EVEN_D, UPCAST)
+    return k, v, k_pos, row_last, need_mask
+
+
 @_jit_dynamic
 def s2_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES,
@@ -249,69 +330,40 @@ def s2_fwd_kernel(
 ):
     ROWS: tl.constexpr = BLOCK_M // BS
     FAST: tl.constexpr = ANALYTIC and BS >= BLOCK_N  # S2 layout, whole key tiles: interior tiles unmasked
-    SUBS: tl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N  # key tiles per layout block (FAST)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    pid_bh = tl.program_id(0)
-    tile = num_tiles - 1 - tl.program_id(1)  # longest rows (latest tiles) first
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kvh = h // group
-    seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
-    tile_pos0 = (first_block + tile * ROWS) * BS
+    b, h, tile, tile_pos0, seq_start, kv_end, past = _query_tile(CU_SEQLENS, q_len, kv_len, num_tiles, first_block,
+                                                                num_heads, BS, ROWS, VARLEN)
     if tile_pos0 >= kv_end:
         return
     off_b = b.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
+    kvh = h // group
+    offs_m, q_pos, q_ok, row0 = _tile_rows(tile_pos0, seq_start, kv_end, past, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_pos = tile_pos0 + offs_m
-    q_ok = (q_pos >= past) & (q_pos < kv_end)
-    row0 = seq_start + (tile_pos0 - past).to(tl.int64)  # token row of tile row 0 (may precede the queries)
     q = _load(Q + off_b * stride_qb + h * stride_qh + row0 * stride_qs + offs_m[:, None] * stride_qs
               + offs_d[None, :], q_ok[:, None] & d_ok[None, :], UPCAST)
     k_base = K + off_b * stride_kb + kvh * stride_kh + seq_start * stride_ks
     v_base = V + off_b * stride_vb + kvh * stride_vh + seq_start * stride_vs
-
-    pat = tl.load(HEAD_TO_PAT + h)
-    n_ent, w0, w1, w2, w3, width = _row_walk(ROW_PTR, RESIDUES, pat, tile, num_tiles, first_block, kv_end,
-                                             local_blocks, vert_stride, BS, ROWS, ANALYTIC)
-    if BS >= BLOCK_N:
-        n_it = n_ent * (BS // BLOCK_N)
-    else:
-        n_it = (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS)
-    sub_row = offs_m // BS
+    n_ent, w0, w1, w2, w3, width = _row_walk(ROW_PTR, RESIDUES, tl.load(HEAD_TO_PAT + h), tile, num_tiles,
+                                             first_block, kv_end, local_blocks, vert_stride, BS, ROWS, ANALYTIC)
+    n_in, n_masked, mid_start, m1 = _key_tile_split(n_ent, w0, w1, w2, w3, width, BS, BLOCK_N, ROWS, FAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if FAST:
-        # interior key tiles: no masks, scalar addressing
-        n_in, mid_start, m1, n_diag = _fast_split(n_ent, w0, w1, w2, w3, width, ROWS)
+    if FAST:  # interior key tiles first: no masks, scalar addressing
         k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
         v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
-        for it in range(0, n_in * SUBS):
-            e = it // SUBS
-            j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
-            k_pos0 = (j * BS + (it % SUBS) * BLOCK_N).to(tl.int64)
-            k = _load_rows(k_base + k_pos0 * stride_ks + k_off, None, d_ok, EVEN_D, UPCAST)
-            v = _load_rows(v_base + k_pos0 * stride_vs + v_off, None, d_ok, EVEN_D, UPCAST)
+        for it in range(0, n_in):
+            k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
+                                stride_vs, d_ok, BS, BLOCK_N, EVEN_D, UPCAST)
             m_i, l_i, acc = _fwd_step(q, k, v, m_i, l_i, acc, qk_scale, False, None, None, None, None, PREC)
-        n_it = (m1 + n_diag) * SUBS  # then the masked ones, by their index in the full walk
-    for itm in range(0, n_it):
-        if FAST:
-            e = itm // SUBS
-            it = (tl.where(e < m1, w1 + e, w1 + w3 - w2 + e - m1)) * SUBS + itm % SUBS
-        else:
-            it = itm
-        k_pos, k_pos0, k_rel, row_last, need_mask = _row_key_tile(
-            it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_COLS, ROW_LAST, offs_n, BS, BLOCK_N, ROWS,
-            ANALYTIC)
-        k_ok = k_pos < kv_end
-        k = _load_rows(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], k_ok, d_ok,
-                       EVEN_D, UPCAST)
-        v = _load_rows(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], k_ok, d_ok,
-                       EVEN_D, UPCAST)
+    sub_row = offs_m // BS
+    for itm in range(0, n_masked):  # then the boundary tiles, masked
+        k, v, k_pos, row_last, need_mask = _masked_kv(
+            itm, n_ent, w0, w1, w2, w3, width, m1, vert_stride, tile_pos0, kv_end, ROW_COLS, ROW_LAST, k_base, v_base,
+            stride_ks, stride_vs, offs_n, offs_d, d_ok, BS, BLOCK_N, ROWS, FAST, ANALYTIC, EVEN_D, UPCAST)
         m_i, l_i, acc = _fwd_step(q, k, v, m_i, l_i, acc, qk_scale, need_mask, k_pos, q_pos, sub_row, row_last,
                                   PREC)
 
@@ -361,25 +413,17 @@ def s2_bwd_dq_kernel(
     """dQ of one query tile, walking its row list (same tiles and metadata as the forward)."""
     ROWS: tl.constexpr = BLOCK_M // BS
     FAST: tl.constexpr = ANALYTIC and BS >= BLOCK_N  # S2 layout, whole key tiles: interior tiles unmasked
-    SUBS: tl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N  # key tiles per layout block (FAST)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    pid_bh = tl.program_id(0)
-    tile = num_tiles - 1 - tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kvh = h // group
-    seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
-    tile_pos0 = (first_block + tile * ROWS) * BS
+    b, h, tile, tile_pos0, seq_start, kv_end, past = _query_tile(CU_SEQLENS, q_len, kv_len, num_tiles, first_block,
+                                                                num_heads, BS, ROWS, VARLEN)
     if tile_pos0 >= kv_end:
         return
     off_b = b.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
+    kvh = h // group
+    offs_m, q_pos, q_ok, row0 = _tile_rows(tile_pos0, seq_start, kv_end, past, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_pos = tile_pos0 + offs_m
-    q_ok = (q_pos >= past) & (q_pos < kv_end)
-    row0 = seq_start + (tile_pos0 - past).to(tl.int64)
     qd_mask = q_ok[:, None] & d_ok[None, :]
     q = _load(Q + off_b * stride_qb + h * stride_qh + row0 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
               qd_mask, UPCAST)
@@ -390,42 +434,23 @@ def s2_bwd_dq_kernel(
     delta = tl.load(DELTA + l_off, mask=q_ok, other=0.0)
     k_base = K + off_b * stride_kb + kvh * stride_kh + seq_start * stride_ks
     v_base = V + off_b * stride_vb + kvh * stride_vh + seq_start * stride_vs
+    n_ent, w0, w1, w2, w3, width = _row_walk(ROW_PTR, RESIDUES, tl.load(HEAD_TO_PAT + h), tile, num_tiles,
+                                             first_block, kv_end, local_blocks, vert_stride, BS, ROWS, ANALYTIC)
+    n_in, n_masked, mid_start, m1 = _key_tile_split(n_ent, w0, w1, w2, w3, width, BS, BLOCK_N, ROWS, FAST)
 
-    pat = tl.load(HEAD_TO_PAT + h)
-    n_ent, w0, w1, w2, w3, width = _row_walk(ROW_PTR, RESIDUES, pat, tile, num_tiles, first_block, kv_end,
-                                             local_blocks, vert_stride, BS, ROWS, ANALYTIC)
-    if BS >= BLOCK_N:
-        n_it = n_ent * (BS // BLOCK_N)
-    else:
-        n_it = (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS)
-    sub_row = offs_m // BS
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if FAST:  # interior key tiles first (see the forward)
-        n_in, mid_start, m1, n_diag = _fast_split(n_ent, w0, w1, w2, w3, width, ROWS)
         k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
         v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
-        for it in range(0, n_in * SUBS):
-            e = it // SUBS
-            j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
-            k_pos0 = (j * BS + (it % SUBS) * BLOCK_N).to(tl.int64)
-            k = _load_rows(k_base + k_pos0 * stride_ks + k_off, None, d_ok, EVEN_D, UPCAST)
-            v = _load_rows(v_base + k_pos0 * stride_vs + v_off, None, d_ok, EVEN_D, UPCAST)
+        for it in range(0, n_in):
+            k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
+                                stride_vs, d_ok, BS, BLOCK_N, EVEN_D, UPCAST)
             dq = _dq_step(q, do, k, v, dq, lse2, delta, qk_scale, False, None, None, None, None, PREC)
-        n_it = (m1 + n_diag) * SUBS
-    for itm in range(0, n_it):
-        if FAST:
-            e = itm // SUBS
-            it = (tl.where(e < m1, w1 + e, w1 + w3 - w2 + e - m1)) * SUBS + itm % SUBS
-        else:
-            it = itm
-        k_pos, k_pos0, k_rel, row_last, need_mask = _row_key_tile(
-            it, n_ent, w0, w1, w2, w3, width, vert_stride, tile_pos0, ROW_COLS, ROW_LAST, offs_n, BS, BLOCK_N, ROWS,
-            ANALYTIC)
-        k_ok = k_pos < kv_end
-        k = _load_rows(k_base + k_pos0 * stride_ks + k_rel[:, None] * stride_ks + offs_d[None, :], k_ok, d_ok,
-                       EVEN_D, UPCAST)
-        v = _load_rows(v_base + k_pos0 * stride_vs + k_rel[:, None] * stride_vs + offs_d[None, :], k_ok, d_ok,
-                       EVEN_D, UPCAST)
+    sub_row = offs_m // BS
+    for itm in range(0, n_masked):  # then the boundary tiles, masked
+        k, v, k_pos, row_last, need_mask = _masked_kv(
+            itm, n_ent, w0, w1, w2, w3, width, m1, vert_stride, tile_pos0, kv_end, ROW_COLS, ROW_LAST, k_base, v_base,
+            stride_ks, stride_vs, offs_n, offs_d, d_ok, BS, BLOCK_N, ROWS, FAST, ANALYTIC, EVEN_D, UPCAST)
         dq = _dq_step(q, do, k, v, dq, lse2, delta, qk_scale, need_mask, k_pos, q_pos, sub_row, row_last, PREC)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + h * stride_dqh + row0 * stride_dqs + offs_m[:, None] * stride_dqs
