@@ -115,6 +115,20 @@ def baselines(n, layout, flex):
     return res
 
 
+def long_cudnn_fwd(n):
+    """Dense causal forward through SDPA's cuDNN backend at ``n`` tokens (the baseline of the 256k row)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=DT) for _ in range(3))
+    try:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.no_grad():
+            return bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    except Exception as e:  # noqa: BLE001 - a missing backend is reported, not fatal
+        return f"ERR {str(e)[:120]}"
+    finally:
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
 def profile_split(layout, n):
     """CUDA time per kernel of one forward + backward (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile
@@ -210,6 +224,11 @@ def write_outputs(out_dir, card, echo=False):
     for r in RESULTS["gqa"]:
         lines.append(f"| {r['seq']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r.get('mha_fwd_ms', '-')} | "
                      f"{r.get('mha_fwdbwd_ms', '-')} |")
+    if RESULTS.get("long_fwd"):
+        lines += ["", f"## Forward only at 256k, L16V16 ({card}), ms", "", "| seq | ours fwd | cuDNN dense fwd |",
+                  "|---|---|---|"]
+        lines += [f"| {r['seq']} | {fmt(r.get('fwd_ms', '-'))} | {fmt(r.get('cudnn_fwd_ms', '-'))} |"
+                  for r in RESULTS["long_fwd"]]
     lines += ["", f"## Metadata build (L16V16, 32 heads, block 64, rows_per_tile 2) ({card} host)", "",
               "| tokens | device | ms |", "|---|---|---|"]
     for r in RESULTS["metadata"]:
@@ -254,7 +273,7 @@ def write_outputs(out_dir, card, echo=False):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--quick", action="store_true", help="8k and 32k only, no 128k")
+    ap.add_argument("--quick", action="store_true", help="8k and 32k only, no 128k and 256k")
     ap.add_argument("--sweep-configs", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--only-sweep", action="store_true")
@@ -306,9 +325,14 @@ def main():
     except Exception as e:  # noqa: BLE001 - the profiler is an extra; the timings stand without it
         log(f"profile failed: {e}")
     metadata_times(lay)
+    if not args.quick:  # forward only at 256k (the backward's activations alone are 8 GB per tensor set)
+        RESULTS["long_fwd"] = [{"seq": 262144, **ours(lay, 262144, bwd=False)}]
     write_outputs(args.out, card)
     if args.skip_baselines:
         return
+    for r in RESULTS.get("long_fwd", []):
+        r["cudnn_fwd_ms"] = long_cudnn_fwd(r["seq"])
+        log(f"long {r}")
     from torch.nn.attention.flex_attention import flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
     for r in RESULTS["rows"]:

@@ -209,8 +209,14 @@ def write_report(rows, out_dir, tag=""):
     lines = [f"# Training throughput, model {model}, {card}", ""]
     if ok:
         r0 = ok[0]
+        def accumulation(r):
+            micro = max(1, r["tokens_per_step"] // (r["seq"] * r["gpus"] // r["tp"] // r["pp"]))
+            return (f"{r['tokens_per_step']:,} tokens per optimizer step ({micro} micro-batch{'es' if micro > 1 else ''}"
+                    f" of {r['seq']:,} tokens per data-parallel rank)")
+        per_step = ", ".join(sorted({accumulation(r) for r in ok}))
         lines += [f"torch {r0['torch']}, triton {r0['triton']}, {r0['gpus']} GPU(s), TP{r0['tp']} PP{r0['pp']}; "
-                  "tokens/s = median over the timed steps; MFU counts causal dense attention for every variant.", ""]
+                  f"{per_step}; tokens/s = median over the timed steps (after the warm-up steps); MFU counts causal "
+                  "dense attention for every variant.", ""]
     lines += ["| seq | variant | tokens/s | vs dense cuDNN | vs dense FA2 | MFU | peak mem GiB | recompute |",
               "|---|---|---|---|---|---|---|---|"]
     for seq in sorted({r["seq"] for r in rows}):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from triton_interpret import CPU as _CPU  # noqa: E402
-from triton_interpret import DEVICE, InterpreterEnv, interpreted  # noqa: E402
+from triton_interpret import DEVICE, InterpreterEnv, backend_fixture, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
@@ -27,14 +27,7 @@ EPS = 0.05  # comparable to mean(x^2) of the smaller rows below: where eps goes 
 _interpreter_env = _ENV.fixture()
 
 
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    """Run a test on the Triton kernels and on the PyTorch fallback."""
-    if request.param == "torch":
-        monkeypatch.setattr(rmsnorm, "_use_triton", lambda x: False)
-    else:
-        assert rmsnorm._use_triton(torch.empty(1, device=DEVICE))
-    return request.param
+backend = backend_fixture(rmsnorm)  # each test runs on the Triton kernels and on the PyTorch fallback
 
 
 # ---------------------------------------------------------------------------------------------------------------------

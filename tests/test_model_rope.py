@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from triton_interpret import CPU as _CPU  # noqa: E402
-from triton_interpret import DEVICE, InterpreterEnv, interpreted  # noqa: E402
+from triton_interpret import DEVICE, InterpreterEnv, backend_fixture, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernel are imported
 
@@ -26,14 +26,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 _interpreter_env = _ENV.fixture()
 
 
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    """Run a test on the Triton kernel and on the PyTorch fallback."""
-    if request.param == "torch":
-        monkeypatch.setattr(rope, "_use_triton", lambda x: False)
-    else:
-        assert rope._use_triton(torch.empty(1, device=DEVICE))
-    return request.param
+backend = backend_fixture(rope)  # each test runs on the Triton kernels and on the PyTorch fallback
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -70,3 +70,16 @@ def interpreted(module, kernel_name: str):
     if not isinstance(getattr(module, kernel_name), InterpretedFunction):
         module = importlib.reload(module)
     return module
+
+
+def backend_fixture(module):
+    """A fixture that runs a test twice: on ``module``'s Triton kernels (compiled, or under the interpreter) and on
+    its PyTorch fallback (``module._use_triton`` patched to False). The test receives ``"triton"`` or ``"torch"``."""
+    @pytest.fixture(params=["triton", "torch"])
+    def backend(request, monkeypatch):
+        if request.param == "torch":
+            monkeypatch.setattr(module, "_use_triton", lambda x: False)
+        else:
+            assert module._use_triton(torch.empty(1, device=DEVICE))
+        return request.param
+    return backend
