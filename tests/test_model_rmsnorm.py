@@ -1,8 +1,7 @@
 """Fused RMSNorm (s2megatron.model.rmsnorm) against a float64 reference written here, and S2RMSNorm with it.
 
-Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set only when CUDA is absent and
-before the kernels are decorated); the PyTorch fallback (CPU without the interpreter) is checked by the same tests.
-The interpreter computes bfloat16 wrongly, so bfloat16 is checked on the GPU only.
+Kernels and their PyTorch fallback run the same tests (``backend``); without CUDA the kernels run under the
+interpreter (``triton_interpret``), which computes bfloat16 wrongly, so bfloat16 is checked on the GPU only.
 """
 import pytest
 import torch
