@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_runtime import runs_triton
+
 __all__ = ["fused_rms_norm"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -97,13 +99,8 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PART + pid * hidden + cols, tl.sum(dw, axis=0), mask=col_ok)
 
 
-def _interpreting() -> bool:
-    """The kernels were decorated for Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
-    return type(_rms_norm_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or (x.device.type == "cpu" and _interpreting())
+    return runs_triton(_rms_norm_fwd_kernel, x)
 
 
 def _tile(hidden: int, tile):

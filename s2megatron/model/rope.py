@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_runtime import runs_triton
+
 __all__ = ["fused_apply_rotary_pos_emb", "fused_apply_rotary_pos_emb_thd", "install_rope_fusion"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -121,13 +123,8 @@ def _cos_sin_tables(freqs: torch.Tensor, freqs2d: torch.Tensor):
     return tables
 
 
-def _interpreting() -> bool:
-    """The kernel was decorated for Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
-    return type(_rope_row_kernel).__name__ == "InterpretedFunction"
-
-
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or (x.device.type == "cpu" and _interpreting())
+    return runs_triton(_rope_row_kernel, x)
 
 
 def _rotate_triton(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from megatron.core.fusions import fused_bias_swiglu as _megatron_swiglu
 
+from ..triton_runtime import runs_triton
+
 __all__ = ["swiglu", "swiglu_impl", "install_swiglu_fusion"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,13 +95,8 @@ def _swiglu_bwd_kernel(
     tl.store(DY + y_offs + f, dy2.to(DY.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    """The kernels were decorated for Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
-    return type(_swiglu_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or (x.device.type == "cpu" and _interpreting())
+    return runs_triton(_swiglu_fwd_kernel, x)
 
 
 def _tile(f: int):

@@ -11,7 +11,9 @@ from typing import Optional
 import torch
 
 from ...sparsity.layout import Layout
+from ...triton_runtime import decorated_for_interpreter
 from ..checks import check_inputs
+from . import kernels as _kernels
 from .op import layout_key, s2_bwd_op, s2_fwd_op
 
 MAX_HEAD_DIM = 256
@@ -40,7 +42,7 @@ def triton_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     if not 1 <= shape.head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {shape.head_dim} is not supported by the Triton S2 kernels; "
                          f"valid: 1..{MAX_HEAD_DIM}")
-    if q.device.type != "cuda" and not _interpreter_on():
+    if q.device.type != "cuda" and not decorated_for_interpreter(_kernels.s2_fwd_kernel):
         raise ValueError(f"the Triton S2 kernels need CUDA tensors (got {q.device}), or TRITON_INTERPRET=1 set before "
                          "triton and s2megatron.ops.triton_s2 are imported, to run them on the CPU")
     if cu_seqlens is not None:
@@ -55,11 +57,6 @@ def triton_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     out, lse = s2_fwd_op(q, k, v, cu_seqlens, layout_key(layout), float(sm_scale), int(max_seqlen or 0),
                          int(head_offset), int(total_heads or 0), int(total_kv_heads or 0))
     return (out, lse) if return_lse else out
-
-
-def _interpreter_on() -> bool:
-    from .op import _interpreting
-    return _interpreting()
 
 
 __all__ = ["triton_s2_attention", "s2_fwd_op", "s2_bwd_op", "MAX_HEAD_DIM"]

@@ -17,6 +17,7 @@ import torch
 
 from ...sparsity.layout import Layout, S2Layout
 from ...sparsity.metadata import BlockMetadata, get_metadata, tiling
+from ...triton_runtime import decorated_for_interpreter
 from . import config as _config
 from . import kernels as _kernels
 
@@ -100,11 +101,6 @@ def _analytic_meta(layout: S2Layout, num_heads, num_kv_heads, head_offset, total
         residues=torch.tensor(patterns.residues, dtype=torch.int32, device=device))
 
 
-def _interpreting() -> bool:
-    """The kernels were decorated for Triton's CPU interpreter (TRITON_INTERPRET=1 when they were imported)."""
-    return type(_kernels.s2_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 class _Plan:
     """Shapes, tiles and metadata of one call (everything the launchers need besides the tensors)."""
 
@@ -146,7 +142,7 @@ class _Plan:
         if self.meta.num_tiles > 65535:
             raise ValueError(f"{self.meta.num_tiles} query tiles exceed the launch grid (65535); pass max_seqlen "
                              "for packed input or use a larger block_size")
-        self.upcast = _interpreting() and q.dtype != torch.float32
+        self.upcast = decorated_for_interpreter(_kernels.s2_fwd_kernel) and q.dtype != torch.float32
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
     def common(self):
