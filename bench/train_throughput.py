@@ -172,9 +172,8 @@ def worker(args) -> None:
         trainer.close()
 
 
-def run_point(args, seq, variant) -> dict:
-    fd, result = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
+def point_command(args, seq: int, variant: str, result: str) -> list:
+    """The command line of one point: this script in worker mode (under torchrun when --nproc > 1)."""
     cmd = [sys.executable]
     if args.nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
@@ -182,9 +181,16 @@ def run_point(args, seq, variant) -> dict:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--tp", str(args.tp), "--pp", str(args.pp),
             "--dp", str(args.nproc // (args.tp * args.pp)), "--result", result,
             "--tokens-per-step", str(args.tokens_per_step or 0)] + (["--profile"] if args.profile else [])
-    if args.recompute_from and seq >= int(args.recompute_from):
+    if args.recompute_from and seq >= args.recompute_from:
         cmd += ["--recompute"]
     cmd += ["--extra", *args.extra] if args.extra else []
+    return cmd
+
+
+def run_point(args, seq, variant) -> dict:
+    fd, result = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    cmd = point_command(args, seq, variant, result)
     print("+", shlex.join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.point_timeout)
@@ -203,6 +209,7 @@ def write_report(rows, out_dir, tag=""):
     card = ok[0]["card"] if ok else "unknown"
     slug = card.replace("NVIDIA ", "").replace(" ", "_")
     model = rows[0]["model"]
+    tag = tag.lstrip("_")
     stem = os.path.join(out_dir, f"train_throughput_{model}_{slug}{'_' + tag if tag else ''}")
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
@@ -270,7 +277,20 @@ def write_report(rows, out_dir, tag=""):
     fig.savefig(stem + ".png", dpi=120)
 
 
-def main():
+def _recompute_from(value: str):
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"got {value!r}: give a sequence length (0 for never) or 'auto'")
+    return n
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options; ``--recompute-from auto`` is resolved to a length (0: never) here."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="1.3b")
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
@@ -282,7 +302,7 @@ def main():
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--recompute-from", default="auto",
+    ap.add_argument("--recompute-from", default="auto", type=_recompute_from,
                     help="full activation recompute at and above this length (0: never; auto: 32768 on cards with "
                          "less than 100 GiB, where 1.3b at 32k does not fit without it, else never)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
@@ -297,15 +317,20 @@ def main():
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--dp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.recompute_from == "auto" and not args.worker:
+        import torch
+        big = torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= 100 * 2**30
+        args.recompute_from = 0 if big else 32768
+    return args
+
+
+def main():
+    args = parse_args()
     if args.worker:
         args.seq = args.seq[0]
         return worker(args)
     os.makedirs(args.out_dir, exist_ok=True)
-    if args.recompute_from == "auto":
-        import torch
-        big = torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= 100 * 2**30
-        args.recompute_from = 0 if big else 32768
     if args.from_json:
         with open(args.from_json) as f:
             return write_report(json.load(f), args.out_dir, args.tag)
