@@ -150,28 +150,28 @@ def profile_split(layout, n):
     return out
 
 
-def sweep_configs(layout, n):
-    """Forward / backward time of alternative tile shapes (each kernel varied alone)."""
+def sweep_configs(layout, seqs):
+    """Forward / backward time of alternative tile shapes (each kernel varied alone), at each length of ``seqs``."""
     base = tile_cfg.tile_config
     variants = [dict()]
-    variants += [dict(fwd_stages=4), dict(block_n=128, fwd_stages=2), dict(block_m=64, fwd_warps=4, dq_warps=4)]
-    variants += [dict(dq_block_n=bn, dq_warps=w, dq_stages=s) for bn, w, s in ((64, 8, 4), (32, 8, 3))]
-    variants += [dict(dkdv_block_n=bn, dkdv_block_m=bm, dkdv_warps=w, dkdv_stages=s) for bn, bm, w, s in
-                 ((64, 32, 4, 3), (64, 16, 4, 2), (64, 16, 4, 3), (64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2))]
-    for over in variants:
-        def patched(bs, hd, mq, eb=2, gather_keys=True, _o=over):
-            cfg = base(bs, hd, mq, eb, gather_keys)
-            return dataclasses.replace(cfg, **_o) if hd == D and bs == 64 else cfg
-        tile_cfg.tile_config = patched
-        try:
-            r = ours(layout, n)
-            r["bwd_ms"] = r["fwdbwd_ms"] - r["fwd_ms"]
-            r["kernel_ms"] = {k: v for k, v in profile_split(layout, n).items() if k.startswith("s2_")}
-        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a tile shape
-            r = {"error": str(e)[:160]}
-        r["override"] = over
-        RESULTS["configs"].append(r)
-        log(f"config {over}: {r}")
+    variants += [dict(fwd_block_m=128, fwd_warps=8), dict(fwd_stages=2), dict(fwd_stages=4),
+                 dict(fwd_block_m=128, fwd_warps=8, fwd_stages=4)]
+    variants += [dict(dq_stages=4), dict(block_m=64, dq_warps=4), dict(dkdv_stages=4)]
+    for n in seqs:
+        for over in variants:
+            def patched(bs, hd, mq, eb=2, gather_keys=True, _o=over):
+                cfg = base(bs, hd, mq, eb, gather_keys)
+                return dataclasses.replace(cfg, **_o) if hd == D and bs == 64 else cfg
+            tile_cfg.tile_config = patched
+            try:
+                r = {"seq": n, **ours(layout, n)}
+                r["bwd_ms"] = r["fwdbwd_ms"] - r["fwd_ms"]
+                r["kernel_ms"] = {k: v for k, v in profile_split(layout, n).items() if k.startswith("s2_")}
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a tile shape
+                r = {"seq": n, "error": str(e)[:160]}
+            r["override"] = over
+            RESULTS["configs"].append(r)
+            log(f"config {over}: {r}")
     tile_cfg.tile_config = base
 
 
@@ -236,6 +236,15 @@ def write_outputs(out_dir, card, echo=False):
     if RESULTS["profile"]:
         lines += ["", f"## Kernel time split, one fwd+bwd at 32k ({card}), ms", "", "| kernel | ms |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(RESULTS["profile"].items(), key=lambda x: -x[1])]
+    if RESULTS["configs"]:
+        lines += ["", f"## Tile shapes (L16V16, block 64; each row changes the default tiles) ({card}), ms", "",
+                  "| seq | change | fwd | fwd+bwd | s2_fwd_kernel | s2_bwd_dq_kernel | s2_bwd_dkdv_kernel |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in RESULTS["configs"]:
+            km = r.get("kernel_ms", {})
+            lines.append(f"| {r['seq']} | {r['override'] or 'default'} | {fmt(r.get('fwd_ms', r.get('error', '-')))} | "
+                         f"{fmt(r.get('fwdbwd_ms', '-'))} | {km.get('s2_fwd_kernel', '-')} | "
+                         f"{km.get('s2_bwd_dq_kernel', '-')} | {km.get('s2_bwd_dkdv_kernel', '-')} |")
     errs = [f"{k} at {r['seq']}: {v}" for r in RESULTS["rows"] for k, v in r.items()
             if isinstance(v, str) and v.startswith("ERR")]
     if errs:
@@ -291,7 +300,7 @@ def main():
     RESULTS["env"] = {"card": card, "torch": torch.__version__, "triton": triton.__version__}
     lay = S2Layout(64, 16, 16)
     if args.sweep_configs:
-        sweep_configs(lay, 32768)
+        sweep_configs(lay, (8192, 32768))
         if args.only_sweep:
             return
     seqs = [8192, 32768] if args.quick else [8192, 32768, 131072]

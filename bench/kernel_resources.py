@@ -91,7 +91,7 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
     bd = tile_cfg.block_d(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BS=block, VARLEN=False, UPCAST=False, PREC="tf32")
     rows = {}
-    rows["fwd"] = compile_one(kernels.s2_fwd_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    rows["fwd"] = compile_one(kernels.s2_fwd_kernel, dict(common, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n,
                                                            ANALYTIC=analytic), cfg.fwd_warps, cfg.fwd_stages, arch)
     rows["dq"] = compile_one(kernels.s2_bwd_dq_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
                                                             ANALYTIC=analytic), cfg.dq_warps, cfg.dq_stages, arch)

@@ -4,6 +4,7 @@ Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, s
 before the kernels are decorated); with CUDA the same tests run on the GPU. Sizes are small (CI: 2 CPU cores) but
 every length reaches well past local_blocks * block_size, where the pattern differs from dense causal.
 """
+import dataclasses
 import math
 
 import pytest
@@ -179,7 +180,8 @@ def test_half_precision(dtype):
 
 
 def test_merge_q_block16():
-    """Block 16 under a 128-row query tile: eight layout rows share one union list (rows_per_tile 8)."""
+    """Block 16 under the forward's 64-row and dQ's 128-row query tiles: four and eight layout rows share one union
+    list (rows_per_tile 4 and 8)."""
     q, k, v = make_inputs((1, 320, 2, 32), (1, 320, 2, 32), torch.float32, 3)
     lay = S2Layout(16, 3, 5)
     meta = get_metadata(lay, 2, 320, rows_per_tile=8)
@@ -262,7 +264,7 @@ def test_kv_prefix_chunked_prefill(q_len, kv_len, block):
 def test_decode_inside_merged_tile():
     """dkernel D5: a query whose layout row is not the first row of a merged tile must not attend the union of the
     tile's rows. Single decode queries at several in-block offsets, and a short chunk whose queries span sub-rows
-    0..2 of one 8-row tile (block 16, query tile 128)."""
+    0..2 of one merged tile (block 16: the forward's 4-row tile, dQ's 8-row tile)."""
     lay = S2Layout(16, 2, 5)
     for past in (212, 220, 239):
         q, k, v = make_inputs((1, 1, 2, 64), (1, past + 1, 2, 64), torch.float32, past)
@@ -310,6 +312,28 @@ def test_interior_tiles_of_long_local_windows(layout, head_dim, heads, kv_heads,
     k = _nan_padded((1, kv_len, kv_heads, head_dim), head_dim, 22)
     v = _nan_padded((1, kv_len, kv_heads, head_dim), head_dim, 23)
     run_and_check(layout, q, k, v)
+
+
+@pytest.mark.parametrize("fwd_rows,dq_rows", [(128, 64), (64, 128), (128, 128)])
+def test_forward_and_dq_query_tiles_independent(monkeypatch, fwd_rows, dq_rows):
+    """The forward and dQ query tiles are chosen separately (config.TileConfig.fwd_block_m / block_m), each with
+    its own metadata. Every pairing gives the reference result: block 16 merges 4 or 8 layout rows per tile, block
+    64 with a long window has interior tiles, and a KV prefix starts the queries inside a tile."""
+    from s2megatron.ops.triton_s2 import config as tiles
+    base = tiles.tile_config
+
+    def swapped(block_size, head_dim, merge_q, *args, **kw):
+        cfg = base(block_size, head_dim, merge_q, *args, **kw)
+        if not merge_q:
+            return cfg
+        fwd_m, dq_m = max(fwd_rows, block_size), max(dq_rows, block_size)
+        return dataclasses.replace(cfg, fwd_block_m=fwd_m, block_m=dq_m, fwd_warps=8 if fwd_m >= 128 else 4,
+                                   dq_warps=8 if dq_m >= 128 else 4)
+
+    monkeypatch.setattr(tiles, "tile_config", swapped)
+    run_and_check(S2Layout(16, 3, 5), *make_inputs((1, 320, 2, 32), (1, 320, 2, 32), torch.float32, 31))
+    run_and_check(S2Layout(64, 5, 3), *make_inputs((1, 700, 4, 64), (1, 700, 2, 64), torch.float32, 32))
+    run_and_check(S2Layout(32, 2, 3), *make_inputs((1, 150, 2, 64), (1, 400, 2, 64), torch.float32, 33))
 
 
 def test_packed_qkv_views_get_gradients():

@@ -1,8 +1,9 @@
 """Tile shapes of the S2 kernels, chosen per (layout block size, head dim, Merge-Q allowed).
 
-The layout's block size and the kernel tiles are independent: the forward/dQ query tile is ``rows_per_tile`` layout
-blocks (Merge-Q) and the key tiles cut or gather layout blocks (see kernels.py). Shapes were picked on an H100 for
-head dim 128 (one warpgroup per 64 query rows; key tiles of 64 keep the score tile in registers).
+The layout's block size and the kernel tiles are independent: the forward and dQ query tiles are each a whole number
+of layout blocks (Merge-Q; the two may differ) and the key tiles cut or gather layout blocks (see kernels.py). Shapes
+were picked on H100/H200 cards for head dim 128 (one warpgroup per 64 query rows; key tiles of 64 keep the score tile
+in registers).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import triton
 
 @dataclass(frozen=True)
 class TileConfig:
-    block_m: int            # forward / dQ query tile (tokens); a multiple of the layout block size
+    fwd_block_m: int        # forward query tile (tokens); a multiple of the layout block size
+    block_m: int            # dQ query tile (tokens); a multiple of the layout block size
     block_n: int            # forward key tile
     dq_block_n: int         # dQ key tile
     dkdv_block_n: int       # dK/dV key tile
@@ -40,13 +42,16 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
     whose gathered form computed wrong results on an H200 with software pipelining (triton 3.6).
 
     Measured on an H200 (L16V16, block 64, 32k, head dim 128; kernel ms, ``bench/attention.py --sweep-configs``):
-    forward 128x64 tiles, 8 warps, 3 stages (2.59; 128-key tiles 3.29, 4 stages 2.69, 64x64 with 4 warps 2.46 but
-    dQ then 3.93); dQ 64-key tiles with 3 stages (2.89; 32-key 3.57); dK/dV 64 keys x 32 queries, 4 warps, 3 stages
-    (4.84; 2 stages 5.92, 16 queries 5.80, 64 queries 6.46, 8 warps 10.1-13.4). A 128-key dK/dV tile spans two
-    layout blocks, and when one is a stripe of the head and the other is not, the whole run below the stripe is
-    computed for both (10.6 ms)."""
+    forward 64x64 tiles, 4 warps, 3 stages (2.46; 128x64 with 8 warps 2.59, 128-key tiles 3.29, 4 stages 2.69; with
+    its own query tile, in a later call, 2.60 against 2.63 ms for 128x64 at 32k, do_bench medians). 64 query rows
+    with 4 warps compile to 255 registers without spills and 112 KB of shared memory: two CTAs per SM instead of one.
+    dQ 128x64 tiles, 8 warps, 3 stages (2.89; 64 query rows with 4 warps 3.93, 32-key 3.57); dK/dV 64 keys x 32
+    queries, 4 warps, 3 stages (4.84; 2 stages 5.92, 16 queries 5.80, 64 queries 6.46, 8 warps 10.1-13.4). A 128-key
+    dK/dV tile spans two layout blocks, and when one is a stripe of the head and the other is not, the whole run
+    below the stripe is computed for both (10.6 ms)."""
     big = block_d(head_dim) > 128
     block_m = max(64 if big else 128, block_size) if merge_q else block_size
+    fwd_block_m = max(64, block_size) if merge_q else block_size
     block_n = 32 if big else 64
     if not gather_keys:
         block_n = min(block_n, block_size)
@@ -54,9 +59,10 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
     if not merge_q:  # the column list walk handles one layout block per key tile / query chunk
         dkdv_n = min(dkdv_n, block_size)
         dkdv_m = min(dkdv_m, block_size)
-    warps_m = 8 if block_m >= 128 or big else 4
+    warps = lambda rows: 8 if rows >= 128 or big else 4  # noqa: E731 - one warpgroup per 64 query rows
     stages = 1 if elem_bytes > 2 else None
-    return TileConfig(block_m=block_m, block_n=block_n, dq_block_n=block_n, dkdv_block_n=dkdv_n,
-                      dkdv_block_m=dkdv_m, fwd_warps=warps_m, fwd_stages=stages or (2 if big else 3),
-                      dq_warps=warps_m, dq_stages=stages or (2 if big else 3), dkdv_warps=8 if big else 4,
+    return TileConfig(fwd_block_m=fwd_block_m, block_m=block_m, block_n=block_n, dq_block_n=block_n,
+                      dkdv_block_n=dkdv_n, dkdv_block_m=dkdv_m, fwd_warps=warps(fwd_block_m),
+                      fwd_stages=stages or (2 if big else 3), dq_warps=warps(block_m),
+                      dq_stages=stages or (2 if big else 3), dkdv_warps=8 if big else 4,
                       dkdv_stages=stages or (2 if big else 3))

@@ -124,26 +124,35 @@ class _Plan:
         self.cfg = _config.tile_config(self.block_size, self.head_dim, self.merge_q, q.element_size(),
                                        gather_keys=self.analytic)
         self.block_d = _config.block_d(self.head_dim)
-        rows_per_tile = self.cfg.block_m // self.block_size
+        self._layout, self._heads = layout, (head_offset, total_heads or None, total_kv_heads or None)
+        self.device = q.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if self.analytic:
-            device = q.device
-            if device.type == "cuda" and device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
-            self.meta = _analytic_meta(layout, self.num_heads, self.num_kv_heads, head_offset, total_heads or None,
-                                       total_kv_heads or None, self.q_len, self.kv_len, rows_per_tile, device)
-            self.residues = self.meta.residues
             self.local_blocks, self.vert_stride = layout.local_blocks, layout.vert_stride
         else:
-            self.meta: BlockMetadata = get_metadata(
-                layout, self.num_heads, self.q_len, self.kv_len, num_kv_heads=self.num_kv_heads,
-                head_offset=head_offset, total_heads=total_heads or None, total_kv_heads=total_kv_heads or None,
-                device=q.device, rows_per_tile=rows_per_tile)
-            self.residues, self.local_blocks, self.vert_stride = self.meta.head_to_pattern, 1, 1
-        if self.meta.num_tiles > 65535:
-            raise ValueError(f"{self.meta.num_tiles} query tiles exceed the launch grid (65535); pass max_seqlen "
-                             "for packed input or use a larger block_size")
+            self.local_blocks, self.vert_stride = 1, 1
         self.upcast = decorated_for_interpreter(_kernels.s2_fwd_kernel) and q.dtype != torch.float32
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def metadata(self, block_m: int):
+        """The metadata of query tiles of ``block_m`` tokens (the forward's and dQ's tiles may differ) and the
+        per-head pattern values the kernels read (stripe residues, or pattern indices of a custom layout)."""
+        rows_per_tile = block_m // self.block_size
+        head_offset, total_heads, total_kv_heads = self._heads
+        if self.analytic:
+            meta = _analytic_meta(self._layout, self.num_heads, self.num_kv_heads, head_offset, total_heads,
+                                  total_kv_heads, self.q_len, self.kv_len, rows_per_tile, self.device)
+            residues = meta.residues
+        else:
+            meta = get_metadata(self._layout, self.num_heads, self.q_len, self.kv_len, num_kv_heads=self.num_kv_heads,
+                                head_offset=head_offset, total_heads=total_heads, total_kv_heads=total_kv_heads,
+                                device=self.device, rows_per_tile=rows_per_tile)
+            residues = meta.head_to_pattern
+        if meta.num_tiles > 65535:
+            raise ValueError(f"{meta.num_tiles} query tiles exceed the launch grid (65535); pass max_seqlen "
+                             "for packed input or use a larger block_size")
+        return meta, residues
 
     def common(self):
         return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BS=self.block_size, VARLEN=self.varlen,
@@ -166,18 +175,19 @@ def _last_dim_contiguous(x):
 def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_heads, total_kv_heads):
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     plan = _Plan(q, k, cu_seqlens, key, max_seqlen, head_offset, total_heads, total_kv_heads)
-    meta, cfg = plan.meta, plan.cfg
+    cfg = plan.cfg
+    meta, residues = plan.metadata(cfg.fwd_block_m)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse_shape = (plan.num_heads, plan.num_tokens) if plan.varlen else (plan.batch, plan.num_heads, plan.q_len)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     cu = cu_seqlens if plan.varlen else meta.head_to_pattern  # unused placeholder pointer when not packed
     grid = (plan.batch * plan.num_heads, meta.num_tiles)
     _kernels.s2_fwd_kernel[grid](
-        q, k, v, out, lse, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last, plan.residues,
+        q, k, v, out, lse, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last, residues,
         *_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
         *_qkv_strides(out, plan.varlen), *_lse_strides(lse, plan.varlen),
         sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block, plan.num_heads,
-        plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n,
         ANALYTIC=plan.analytic,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **plan.common())
     return out, lse
@@ -187,7 +197,8 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
               total_kv_heads):
     q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
     plan = _Plan(q, k, cu_seqlens, key, max_seqlen, head_offset, total_heads, total_kv_heads)
-    meta, cfg = plan.meta, plan.cfg
+    cfg = plan.cfg
+    meta, residues = plan.metadata(cfg.block_m)
     common = plan.common()
     cu = cu_seqlens if plan.varlen else meta.head_to_pattern
     delta = torch.empty_like(lse)
@@ -208,14 +219,14 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
                *_qkv_strides(dout, plan.varlen))
     _kernels.s2_bwd_dq_kernel[(plan.batch * plan.num_heads, meta.num_tiles)](
         q, k, v, dout, dq, lse, delta, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last,
-        plan.residues,
+        residues,
         *strides, *_qkv_strides(dq, plan.varlen), *_lse_strides(lse, plan.varlen),
         sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block, plan.num_heads,
         plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
         ANALYTIC=plan.analytic,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common)
     _kernels.s2_bwd_dkdv_kernel[(plan.batch * plan.num_kv_heads, triton_cdiv(plan.kv_len, cfg.dkdv_block_n))](
-        q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, plan.residues,
+        q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, residues,
         *strides, *_qkv_strides(dk, plan.varlen), *_qkv_strides(dv, plan.varlen), *_lse_strides(lse, plan.varlen),
         sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
         plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.dkdv_block_m,
