@@ -373,7 +373,9 @@ def test_lse_only_gradient_and_tensor_parallel_heads():
 
 @pytest.mark.parametrize("custom", [False, True])
 def test_torch_compile_fullgraph(custom):
-    """The op compiles into one graph with its backward (an S2Layout, or a custom layout already used eagerly)."""
+    """The op compiles into one graph with its backward (an S2Layout, or a custom layout already used eagerly): the
+    graph holds the custom op, and its gradients equal the eager path's (an autograd function around the same
+    launchers) bit for bit."""
     if custom:
         lay = BlockMaskLayout(torch.tril(torch.ones(1, 4, 4, dtype=torch.bool)), block_size=64)
         triton_s2_attention(*make_inputs((1, 64, 2, 64), (1, 64, 2, 64), torch.float32, 20), lay, sm_scale=0.125)
@@ -384,16 +386,48 @@ def test_torch_compile_fullgraph(custom):
     def f(q, k, v):
         return triton_s2_attention(q, k, v, lay, sm_scale=0.125).square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
     loss = compiled(qt, kt, vt)
     grads = torch.autograd.grad(loss, (qt, kt, vt))
     qe, ke, ve = (x.clone().requires_grad_() for x in (q, k, v))
     ref_loss = f(qe, ke, ve)
     ref = torch.autograd.grad(ref_loss, (qe, ke, ve))
+    assert len(graphs) == 1 and "s2megatron.triton_s2_fwd" in graphs[0].code
     assert torch.allclose(loss, ref_loss)
     for a, b in zip(grads, ref):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_reruns_the_same_forward(reentrant):
+    """Under activation checkpointing (reentrant like megatron's recompute, or not) the forward runs again in the
+    backward: the gradients equal those of the plain call bit for bit, and an unused lse gradient stays unused."""
+    from torch.utils.checkpoint import checkpoint
+    lay = S2Layout(32, 3, 4)
+    q, k, v = make_inputs((1, 400, 4, 64), (1, 400, 2, 64), torch.float32, 41)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(42)).to(DEVICE)
+
+    def layer(q, k, v):
+        return triton_s2_attention(q, k, v, lay, sm_scale=0.125) * 2.0
+
+    grads = []
+    for wrap in (False, True):
+        qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+        out = checkpoint(layer, qt, kt, vt, use_reentrant=reentrant) if wrap else layer(qt, kt, vt)
+        out.backward(dout)  # (reentrant checkpointing does not support autograd.grad)
+        grads.append((qt.grad, kt.grad, vt.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(q64, k64, v64, lay, sm_scale=0.125)[0] * 2.0
+    for got, want in zip(grads[1], torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
+        assert rel_err(got, want) < TOL[torch.float32]
 
 
 def test_layout_registry_and_metadata_cache():

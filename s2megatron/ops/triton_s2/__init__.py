@@ -14,7 +14,7 @@ from ...sparsity.layout import Layout
 from ...triton_runtime import decorated_for_interpreter
 from ..checks import check_inputs
 from . import kernels as _kernels
-from .op import layout_key, s2_bwd_op, s2_fwd_op
+from .op import layout_key, s2_attention_op, s2_bwd_op, s2_fwd_op
 
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,8 +54,8 @@ def triton_s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
             raise ValueError(f"max_seqlen={max_seqlen} must lie in 1..T={q.shape[0]}")
     if not torch.compiler.is_compiling():  # under torch.compile the op validates the heads when it runs
         layout.resolve(shape.num_heads, shape.num_kv_heads, head_offset, total_heads, total_kv_heads)
-    out, lse = s2_fwd_op(q, k, v, cu_seqlens, layout_key(layout), float(sm_scale), int(max_seqlen or 0),
-                         int(head_offset), int(total_heads or 0), int(total_kv_heads or 0))
+    out, lse = s2_attention_op(q, k, v, cu_seqlens, layout_key(layout), float(sm_scale), int(max_seqlen or 0),
+                               int(head_offset), int(total_heads or 0), int(total_kv_heads or 0))
     return (out, lse) if return_lse else out
 
 

@@ -8,6 +8,7 @@ in registers).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import triton
 
@@ -33,6 +34,7 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+@lru_cache(maxsize=None)
 def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int = 2,
                 gather_keys: bool = True) -> TileConfig:
     """Tiles for layout block ``block_size`` and ``head_dim``; ``merge_q`` False (a layout that is not

@@ -1,4 +1,4 @@
-"""Launchers, the ``torch.library`` custom ops and their autograd.
+"""Launchers, the ``torch.library`` custom ops and their autograd, and the eager-mode autograd function.
 
 The ops take the layout as an integer key into a process-wide registry, so that ``torch.compile`` sees one opaque
 op per call (no graph break) and the metadata is looked up at run time, outside any graph. An S2Layout needs no
@@ -280,12 +280,44 @@ def _setup_context(ctx, inputs, output):
     ctx.args = args
 
 
-def _autograd_backward(ctx, dout, dlse):
+def _gradients(ctx, dout, dlse, backward):
+    """(dq, dk, dv, None...) from ``backward`` (the custom op, or :func:`_backward` itself in eager mode)."""
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = s2_bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = backward(dout, q, k, v, out, lse, dlse, cu_seqlens, *ctx.args)
+    return (dq, dk, dv) + (None,) * (1 + len(ctx.args))
+
+
+def _autograd_backward(ctx, dout, dlse):
+    return _gradients(ctx, dout, dlse, s2_bwd_op)
 
 
 s2_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _EagerS2Attention(torch.autograd.Function):
+    """The same launchers without the custom-op dispatch, for eager mode: the op's dispatch and autograd wrapping
+    cost about 65 us more host time per forward and backward than this (``bench/host_overhead.py``), which adds up
+    to milliseconds per step where the host has little slack (short steps, many micro-batches, many ranks)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, *args):
+        ctx.set_materialize_grads(False)  # an unused out or lse gradient stays None, as with the custom op
+        out, lse = _forward(q, k, v, cu_seqlens, *args)
+        _setup_context(ctx, (q, k, v, cu_seqlens, *args), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _gradients(ctx, dout, dlse, _backward)
+
+
+def s2_attention_op(q, k, v, cu_seqlens, layout_id: int, sm_scale: float, max_seqlen: int, head_offset: int,
+                    total_heads: int, total_kv_heads: int):
+    """(out, lse): the custom op under torch.compile (one opaque node, no graph break), the autograd function
+    around the same launchers otherwise. Arguments as for :func:`s2_fwd_op`."""
+    args = (q, k, v, cu_seqlens, layout_id, sm_scale, max_seqlen, head_offset, total_heads, total_kv_heads)
+    if torch.compiler.is_compiling():
+        return s2_fwd_op(*args)
+    return _EagerS2Attention.apply(*args)
