@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ...sparsity.layout import Layout, S2Layout
-from ...sparsity.metadata import BlockMetadata, get_metadata, tiling
+from ...sparsity.metadata import get_metadata, tiling
 from ...triton_runtime import decorated_for_interpreter
 from . import config as _config
 from . import kernels as _kernels
