@@ -16,3 +16,13 @@ def decorated_for_interpreter(kernel) -> bool:
 def runs_triton(kernel, x: torch.Tensor) -> bool:
     """``x`` can go through ``kernel``: it is on CUDA, or on the CPU with the kernel under the interpreter."""
     return x.is_cuda or (x.device.type == "cpu" and decorated_for_interpreter(kernel))
+
+
+def launch(kernel, grid, device: torch.device, args, meta, num_warps: int) -> None:
+    """``kernel[grid](*args, **meta)`` on ``device``: on CUDA with ``num_warps`` and that device current (Triton
+    launches on the current device), on the CPU under the interpreter (which takes no launch options)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta, num_warps=num_warps)
+    else:
+        kernel[grid](*args, **meta)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_runtime import runs_triton
+from ..triton_runtime import launch, runs_triton
 
 __all__ = ["fused_rms_norm"]
 
@@ -128,14 +128,6 @@ def _bwd_grid(num_rows: int, block_m: int, num_warps: int, device: torch.device)
     return triton.cdiv(tiles, per_prog), per_prog
 
 
-def _launch(kernel, grid, device: torch.device, args, meta, num_warps: int) -> None:
-    if device.type == "cuda":
-        with torch.cuda.device(device):  # triton launches on the current device
-            kernel[grid](*args, **meta, num_warps=num_warps)
-    else:
-        kernel[grid](*args, **meta)
-
-
 def _forward(x: torch.Tensor, w: torch.Tensor, eps: float):
     """x [rows, hidden] contiguous -> (y of x's dtype, float32 rstd [rows])."""
     rows, hidden = x.shape
@@ -146,7 +138,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, eps: float):
     y = torch.empty_like(x)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     block_m, block_n, num_warps = _tile(hidden, _FWD_TILE)
-    _launch(_rms_norm_fwd_kernel, (triton.cdiv(rows, block_m),), x.device, (x, w, y, rstd, rows, hidden, eps),
+    launch(_rms_norm_fwd_kernel, (triton.cdiv(rows, block_m),), x.device, (x, w, y, rstd, rows, hidden, eps),
             dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps)
     return y, rstd
 
@@ -169,7 +161,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Te
     progs, per_prog = _bwd_grid(rows, block_m, num_warps, x.device)
     dx = torch.empty_like(x) if need_dx else x  # x: placeholder pointer, never written without HAS_DX
     dw_part = torch.empty((progs, hidden), dtype=torch.float32, device=x.device) if need_dw else rstd
-    _launch(_rms_norm_bwd_kernel, (progs,), x.device, (x, w, dy, rstd, dx, dw_part, rows, hidden, per_prog),
+    launch(_rms_norm_bwd_kernel, (progs,), x.device, (x, w, dy, rstd, dx, dw_part, rows, hidden, per_prog),
             dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_DX=need_dx, HAS_DW=need_dw), num_warps)
     return (dx if need_dx else None), (dw_part.sum(0) if need_dw else None)
 

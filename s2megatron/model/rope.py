@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_runtime import runs_triton
+from ..triton_runtime import launch, runs_triton
 
 __all__ = ["fused_apply_rotary_pos_emb", "fused_apply_rotary_pos_emb_thd", "install_rope_fusion"]
 
@@ -142,11 +142,7 @@ def _rotate_triton(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: t
     meta = dict(HALF=half, ROT_DIM=rot_dim, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p,
                 ROWS_PER_PROG=_ROWS_PER_PROG, HAS_POS=positions is not None, BACKWARD=backward)
     grid = (triton.cdiv(rows, _ROWS_PER_PROG),)
-    if x.is_cuda:
-        with torch.cuda.device(x.device):  # triton launches on the current device
-            _rope_row_kernel[grid](*args, **meta, num_warps=_NUM_WARPS)
-    else:
-        _rope_row_kernel[grid](*args, **meta)
+    launch(_rope_row_kernel, grid, x.device, args, meta, _NUM_WARPS)
 
 
 def _rotate_torch(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

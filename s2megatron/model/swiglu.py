@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from megatron.core.fusions import fused_bias_swiglu as _megatron_swiglu
 
-from ..triton_runtime import runs_triton
+from ..triton_runtime import launch, runs_triton
 
 __all__ = ["swiglu", "swiglu_impl", "install_swiglu_fusion"]
 
@@ -116,12 +116,8 @@ def _launch(kernel, y: torch.Tensor, tensors, rows: int, f: int) -> None:
     block_m, block_n = _tile(f)
     col_blocks = triton.cdiv(f, block_n)
     grid = (triton.cdiv(rows, block_m) * col_blocks,)
-    args = (*tensors, rows, f, col_blocks)
-    if y.is_cuda:
-        with torch.cuda.device(y.device):  # triton launches on the current device
-            kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS)
-    else:
-        kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n)
+    launch(kernel, grid, y.device, (*tensors, rows, f, col_blocks), dict(BLOCK_M=block_m, BLOCK_N=block_n),
+           _NUM_WARPS)
 
 
 def _sigmoid_f32(y1: torch.Tensor) -> torch.Tensor:
