@@ -8,6 +8,7 @@ import torch
 
 from triton_interpret import CPU as _CPU  # noqa: E402
 from triton_interpret import DEVICE, InterpreterEnv, backend_fixture, interpreted  # noqa: E402
+from numerics import gen, rel_err  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
@@ -44,14 +45,6 @@ def ref_fwd_bwd(x, w, dy, eps):
     y = ref_rms_norm(x64, w64, eps)
     dx, dw = torch.autograd.grad(y, (x64, w64), dy.double())
     return y.detach(), dx, dw
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def gen(seed):
-    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def random_inputs(shape, dtype, w_dtype, seed):

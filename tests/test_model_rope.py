@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from triton_interpret import CPU as _CPU  # noqa: E402
 from triton_interpret import DEVICE, InterpreterEnv, backend_fixture, interpreted  # noqa: E402
+from numerics import gen, rel_err  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernel are imported
 
@@ -40,14 +40,6 @@ def ref_rope(t64: torch.Tensor, angles64: torch.Tensor) -> torch.Tensor:
     x, rest = t64[..., :rot_dim], t64[..., rot_dim:]
     x1, x2 = x[..., : rot_dim // 2], x[..., rot_dim // 2:]
     return torch.cat((x * a.cos() + torch.cat((-x2, x1), dim=-1) * a.sin(), rest), dim=-1)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def gen(seed):
-    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def random_freqs(rows, rot_dim, seed, scale=20.0):

@@ -12,6 +12,7 @@ import yaml
 
 from triton_interpret import CPU as _CPU  # noqa: E402
 from triton_interpret import DEVICE, InterpreterEnv, backend_fixture, interpreted  # noqa: E402
+from numerics import gen, rel_err  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
@@ -64,14 +65,6 @@ def ref_fwd_bwd(y, g):
     out = F.silu(y1) * y2
     (dy,) = torch.autograd.grad(out, y64, g.double())
     return out.detach(), dy
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def gen(seed):
-    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def random_inputs(shape, dtype, seed):

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from triton_interpret import CPU as _CPU  # noqa: E402
 from triton_interpret import DEVICE, InterpreterEnv, interpreted  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
@@ -32,10 +32,6 @@ _interpreter_env = _ENV.fixture()
 
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def make_inputs(shape_q, shape_kv, dtype, seed):
