@@ -242,7 +242,8 @@ def write_outputs(out_dir, card, echo=False):
                   "|---|---|---|---|---|---|---|"]
         for r in RESULTS["configs"]:
             km = r.get("kernel_ms", {})
-            lines.append(f"| {r['seq']} | {r['override'] or 'default'} | {fmt(r.get('fwd_ms', r.get('error', '-')))} | "
+            lines.append(f"| {r['seq']} | {r['override'] or 'default'} | "
+                         f"{fmt(r.get('fwd_ms', r.get('error', '-')))} | "
                          f"{fmt(r.get('fwdbwd_ms', '-'))} | {km.get('s2_fwd_kernel', '-')} | "
                          f"{km.get('s2_bwd_dq_kernel', '-')} | {km.get('s2_bwd_dkdv_kernel', '-')} |")
     errs = [f"{k} at {r['seq']}: {v}" for r in RESULTS["rows"] for k, v in r.items()

@@ -23,6 +23,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write_markdown  # noqa: E402
 
 from s2megatron.ops import triton_s2  # noqa: E402
 from s2megatron.ops.triton_s2 import kernels, op  # noqa: E402
@@ -93,10 +95,8 @@ def main():
              "q/k/v bf16 [1, 8192, 8, 128], L16V16; medians of 7 runs of 1000 calls, microseconds per call.", "",
              "| path | forward | forward + backward |", "|---|---|---|"]
     lines += [f"| {r['path']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} |" for r in rows]
-    print("\n".join(lines))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "host_overhead_cpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_markdown(os.path.join(args.out, "host_overhead_cpu.md"), lines)
 
 
 if __name__ == "__main__":

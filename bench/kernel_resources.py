@@ -33,8 +33,7 @@ FLOATS = {"qk_scale", "sm_scale"}
 
 def _signature(fn, constexprs: dict):
     """(signature, attrs) of a launch with bf16 tensors; strides and pointers get the divisible-by-16 attribute."""
-    jit = fn
-    params = list(inspect.signature(jit.fn).parameters)
+    params = list(inspect.signature(fn.fn).parameters)
     backend_attr = [["tt.divisibility", 16]]
     sig, attrs = {}, {}
     for i, name in enumerate(params):

@@ -218,8 +218,8 @@ def write_report(rows, out_dir, tag=""):
         r0 = ok[0]
         def accumulation(r):
             micro = max(1, r["tokens_per_step"] // (r["seq"] * r["gpus"] // r["tp"] // r["pp"]))
-            return (f"{r['tokens_per_step']:,} tokens per optimizer step ({micro} micro-batch{'es' if micro > 1 else ''}"
-                    f" of {r['seq']:,} tokens per data-parallel rank)")
+            return (f"{r['tokens_per_step']:,} tokens per optimizer step ({micro} "
+                    f"micro-batch{'es' if micro > 1 else ''} of {r['seq']:,} tokens per data-parallel rank)")
         per_step = ", ".join(sorted({accumulation(r) for r in ok}))
         lines += [f"torch {r0['torch']}, triton {r0['triton']}, {r0['gpus']} GPU(s), TP{r0['tp']} PP{r0['pp']}; "
                   f"{per_step}; tokens/s = median over the timed steps (after the warm-up steps); MFU counts causal "
@@ -245,7 +245,8 @@ def write_report(rows, out_dir, tag=""):
         for r in profiled:
             cats = r["profile"]["ms_per_step_by_category"]
             cells = [f"{cats.get(c, 0):.0f}" for c, _ in KERNEL_CATEGORIES] + [f"{cats.get('other', 0):.0f}"]
-            lines.append(f"| {r['seq']} | {r['variant']} | {r['step_s_median'] * 1e3:.0f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['seq']} | {r['variant']} | {r['step_s_median'] * 1e3:.0f} | "
+                         + " | ".join(cells) + " |")
         for r in profiled:
             idle = r["profile"].get("idle_by_host_op_ms_per_step")
             if idle:
@@ -255,8 +256,8 @@ def write_report(rows, out_dir, tag=""):
                 lines += [f"| {ms:.1f} | `{name}` |" for ms, name in idle]
             ops = r["profile"].get("top_ops_ms_per_step", [])[:15]
             if ops:
-                lines += ["", f"Top operators by GPU time of their own kernels, {r['seq']} {r['variant']} (ms per step, "
-                          "calls per step):", "", "| ms | calls | operator |", "|---|---|---|"]
+                lines += ["", f"Top operators by GPU time of their own kernels, {r['seq']} {r['variant']} "
+                          "(ms per step, calls per step):", "", "| ms | calls | operator |", "|---|---|---|"]
                 lines += [f"| {ms:.1f} | {calls} | `{name}` |" for ms, calls, name in ops]
     write_markdown(stem + ".md", lines)
     plt = pyplot()

@@ -52,7 +52,8 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
 
     Returns out in q's dtype and shape, and with ``return_lse`` also lse float32 ``[B, Hq, S]`` (``[Hq, T]`` varlen);
     lse is differentiable. ``backend``: ``auto`` (on CUDA: SDPA for dense layouts where it applies, Triton
-    otherwise; the reference elsewhere), ``triton``, ``reference``, ``sdpa`` (dense layouts only). Raises ValueError on bad shapes, dtypes, head counts or cu_seqlens.
+    otherwise; the reference elsewhere), ``triton``, ``reference``, ``sdpa`` (dense layouts only). Raises ValueError
+    on bad shapes, dtypes, head counts or cu_seqlens.
     """
     if not isinstance(layout, Layout):
         raise ValueError(f"layout must be an S2Layout or BlockMaskLayout, got {type(layout).__name__}")

@@ -6,7 +6,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-
 from .layout import Layout, S2Layout
 from .metadata import get_metadata
 
