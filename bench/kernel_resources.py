@@ -31,14 +31,20 @@ INT_PTRS = {"CU_SEQLENS", "HEAD_TO_PAT", "ROW_PTR", "ROW_COLS", "ROW_LAST", "RES
 FLOATS = {"qk_scale", "sm_scale"}
 
 
-def _signature(fn, constexprs: dict):
-    """(signature, attrs) of a launch with bf16 tensors; strides and pointers get the divisible-by-16 attribute."""
+def _signature(fn, constexprs: dict, desc_rows: int):
+    """(signature, attrs) of a launch with bf16 tensors; strides and pointers get the divisible-by-16 attribute;
+    the ``*_DESC`` tensor descriptors have ``desc_rows`` x BLOCK_D blocks (None unless ``constexprs['DESC']``)."""
     params = list(inspect.signature(fn.fn).parameters)
     backend_attr = [["tt.divisibility", 16]]
     sig, attrs = {}, {}
     for i, name in enumerate(params):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name.endswith("_DESC"):
+            if constexprs["DESC"]:
+                sig[name] = f"tensordesc<bf16[{desc_rows},{constexprs['BLOCK_D']}]>"
+            else:
+                sig[name], constexprs[name] = "constexpr", None
         elif name in FP32_PTRS:
             sig[name], attrs[(i,)] = "*fp32", backend_attr
         elif name in INT_PTRS:
@@ -71,8 +77,9 @@ def ptxas_report(ptx: str, arch: int) -> dict:
             "spill_load_bytes": int(spill.group(2)) if spill else None}
 
 
-def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
-    sig, attrs = _signature(fn, constexprs)
+def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int, desc_rows: int) -> dict:
+    constexprs = dict(constexprs)
+    sig, attrs = _signature(fn, constexprs, desc_rows)
     src = ASTSource(fn, sig, constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -90,13 +97,17 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
     bd = tile_cfg.block_d(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BS=block, VARLEN=False, UPCAST=False, PREC="tf32")
     rows = {}
+    even = head_dim == bd  # descriptors need the head dim to fill the tile (op.row_descriptor)
     rows["fwd"] = compile_one(kernels.s2_fwd_kernel, dict(common, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n,
-                                                           ANALYTIC=analytic), cfg.fwd_warps, cfg.fwd_stages, arch)
+                                                           ANALYTIC=analytic, DESC=cfg.fwd_tma and even),
+                              cfg.fwd_warps, cfg.fwd_stages, arch, cfg.block_n)
     rows["dq"] = compile_one(kernels.s2_bwd_dq_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
-                                                            ANALYTIC=analytic), cfg.dq_warps, cfg.dq_stages, arch)
+                                                            ANALYTIC=analytic, DESC=cfg.dq_tma and even),
+                             cfg.dq_warps, cfg.dq_stages, arch, cfg.dq_block_n)
     rows["dkdv"] = compile_one(kernels.s2_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg.dkdv_block_m,
-                                                                BLOCK_N=cfg.dkdv_block_n, RUN=True, ANALYTIC=analytic),
-                               cfg.dkdv_warps, cfg.dkdv_stages, arch)
+                                                                BLOCK_N=cfg.dkdv_block_n, RUN=True, ANALYTIC=analytic,
+                                                                DESC=cfg.dkdv_tma and even),
+                               cfg.dkdv_warps, cfg.dkdv_stages, arch, cfg.dkdv_block_m)
     return rows
 
 
@@ -108,7 +119,9 @@ def main():
     ap.add_argument("--override", nargs="*", default=[], help="TileConfig fields, e.g. block_n=128 fwd_stages=2")
     args = ap.parse_args()
     cfg = tile_cfg.tile_config(args.block, args.head_dim, True)
-    cfg = dataclasses.replace(cfg, **{k: int(v) for k, v in (o.split("=") for o in args.override)})
+    fields = {f.name: f.type for f in dataclasses.fields(cfg)}
+    cfg = dataclasses.replace(cfg, **{k: (v.lower() in ("1", "true")) if fields[k] in (bool, "bool") else int(v)
+                                      for k, v in (o.split("=") for o in args.override)})
     print(cfg)
     for name, row in report(cfg, args.head_dim, args.block, args.arch).items():
         print(f"{name:5s} {row}")

@@ -285,13 +285,13 @@ def test_head_dims_not_power_of_two(head_dim):
     run_and_check(S2Layout(32, 2, 3), *bufs)
 
 
-def _nan_padded(shape, head_dim, seed):
+def _nan_padded(shape, head_dim, seed, dtype=torch.float32):
     """A [.., heads, head_dim] view of a NaN-filled buffer one head and some dims wider: any read outside the view
     poisons the result."""
     *lead, heads, _ = shape
-    buf = torch.full((*lead, heads + 1, max(head_dim, 64) + 16), float("nan"), device=DEVICE)
+    buf = torch.full((*lead, heads + 1, max(head_dim, 64) + 16), float("nan"), device=DEVICE, dtype=dtype)
     buf[..., :heads, :head_dim] = torch.randn(*lead, heads, head_dim,
-                                              generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+                                              generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
     return buf[..., :heads, :head_dim]
 
 
@@ -330,6 +330,65 @@ def test_forward_and_dq_query_tiles_independent(monkeypatch, fwd_rows, dq_rows):
     run_and_check(S2Layout(16, 3, 5), *make_inputs((1, 320, 2, 32), (1, 320, 2, 32), torch.float32, 31))
     run_and_check(S2Layout(64, 5, 3), *make_inputs((1, 700, 4, 64), (1, 700, 2, 64), torch.float32, 32))
     run_and_check(S2Layout(32, 2, 3), *make_inputs((1, 150, 2, 64), (1, 400, 2, 64), torch.float32, 33))
+
+
+def _descriptor_variants(monkeypatch, enabled):
+    """Tile configs with descriptor loads switched on or off in every kernel; returns a list that records, per
+    launch, whether the kernel got descriptors."""
+    from s2megatron.ops.triton_s2 import config as tiles
+    base, used, pick = tiles.tile_config, [], _op._row_descriptors
+
+    def switched(*args, **kw):
+        return dataclasses.replace(base(*args, **kw), fwd_tma=enabled, dq_tma=enabled, dkdv_tma=enabled)
+
+    def spy(*args):
+        out = pick(*args)
+        used.append(out[3])
+        return out
+
+    monkeypatch.setattr(tiles, "tile_config", switched)
+    monkeypatch.setattr(_op, "_row_descriptors", spy)
+    return used
+
+
+def test_row_descriptor_only_where_a_tma_copy_reads_exactly_the_head():
+    """A descriptor over the token rows is built for 16-bit tensors whose head dim fills the tile, with 16-byte
+    aligned strides and batch entries a whole number of rows apart; otherwise the kernels keep pointer loads."""
+    x = torch.zeros(2, 96, 3, 64, dtype=torch.bfloat16, device=DEVICE)
+    desc, rows_b = _op.row_descriptor(x, False, 64, 64)
+    assert rows_b == 96 and list(desc.shape) == [2 * 96, 3 * 64] and list(desc.strides) == [3 * 64, 1]
+    packed, rows_b = _op.row_descriptor(x[0], True, 64, 64)
+    assert rows_b == 0 and list(packed.shape) == [96, 3 * 64]
+    padded = _nan_padded((2, 96, 3, 64), 64, 1, torch.bfloat16)  # heads 80 apart, rows of 4 * 80: span of 3 heads
+    desc, rows_b = _op.row_descriptor(padded, False, 64, 64)
+    assert rows_b == 96 and list(desc.shape) == [2 * 96, 2 * 80 + 64] and list(desc.strides) == [4 * 80, 1]
+    assert _op.row_descriptor(x.float(), False, 64, 64)[0] is None                       # 32-bit
+    assert _op.row_descriptor(x[..., :48], False, 64, 64)[0] is None                     # head dim below the tile
+    assert _op.row_descriptor(x.transpose(0, 1), False, 64, 64)[0] is None               # batch entries interleaved
+    odd = torch.zeros(1, 96, 2, 68, dtype=torch.bfloat16, device=DEVICE)[..., :64]
+    assert _op.row_descriptor(odd, False, 64, 64)[0] is None                             # 136-byte head stride
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_descriptor_loads_equal_pointer_loads(monkeypatch, dtype):
+    """Interior tiles read through tensor descriptors (K/V in the forward and dQ, Q/dO in dK/dV) give the
+    reference result and, under the interpreter, the pointer path's result bit for bit: two batch entries with GQA,
+    views into NaN-padded buffers (any read past the head poisons the result), and a packed varlen batch."""
+    lay = S2Layout(64, 3, 3)
+    q = _nan_padded((2, 640, 4, 64), 64, 51, dtype)
+    k = _nan_padded((2, 640, 2, 64), 64, 52, dtype)
+    v = _nan_padded((2, 640, 2, 64), 64, 53, dtype)
+    cu = torch.tensor([0, 200, 840, 1280], dtype=torch.int32, device=DEVICE)
+    packed = [x.reshape(-1, *x.shape[2:]) for x in make_inputs((2, 640, 4, 64), (2, 640, 2, 64), dtype, 54)]
+    results = []
+    for enabled in (True, False):
+        used = _descriptor_variants(monkeypatch, enabled)
+        grads = run_and_check(lay, q, k, v, seed=55)
+        grads_packed = run_and_check(lay, *packed, cu_seqlens=cu, seed=56)
+        assert used == [enabled] * 6  # forward, dQ, dK/dV of both calls
+        results.append((*grads, *grads_packed))
+    if DEVICE == "cpu":
+        assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_packed_qkv_views_get_gradients():
@@ -448,6 +507,10 @@ def test_bad_inputs_raise():
     cu = torch.tensor([0, 64], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="max_seqlen"):
         triton_s2_attention(q[0], k[0], v[0], lay, sm_scale=0.1, cu_seqlens=cu, max_seqlen=65)
+    many = torch.zeros(65536, 1, 16, device=DEVICE)  # 65536 one-token sequences: one more than a grid axis holds
+    with pytest.raises(ValueError, match="65536 sequences in one call exceed"):
+        triton_s2_attention(many, many, many, lay, sm_scale=0.1, max_seqlen=1,
+                            cu_seqlens=torch.arange(65537, dtype=torch.int32, device=DEVICE))
 
 
 _ENV.restore()  # after this module's kernels are decorated

@@ -150,6 +150,25 @@ def test_cuda_graph_capture():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_device_that_is_not_current():
+    """Triton launches on the current device: tensors on cuda:1 while cuda:0 is current still get the reference
+    result, forward and backward."""
+    lay = S2Layout(64, 2, 3)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(1, 700, 4, 128, generator=gen).to(torch.bfloat16) for _ in range(4))
+    with torch.cuda.device(0):
+        qt, kt, vt = (x.to("cuda:1").requires_grad_() for x in (q, k, v))
+        out = triton_s2_attention(qt, kt, vt, lay, sm_scale=0.088)
+        grads = torch.autograd.grad(out, (qt, kt, vt), dout.to("cuda:1"))
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, lay, sm_scale=0.088)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    assert out.device == torch.device("cuda", 1)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert _rel(got.cpu(), want.detach()) < REL_TOL
+
+
 # --------------------------------------------------------------------- reference-library defects (s2_anchor.md)
 
 def _guarded(shape, d_pad, dt, gen, extra_heads=1):

@@ -7,6 +7,7 @@ in registers).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,6 +28,11 @@ class TileConfig:
     dq_stages: int
     dkdv_warps: int
     dkdv_stages: int
+    # interior tiles (K/V of the forward and dQ, Q/dO of dK/dV) loaded through TMA tensor descriptors where the
+    # call's tensors allow it (16-bit, head dim == BLOCK_D, 16-byte aligned strides: see op.row_descriptor)
+    fwd_tma: bool = True
+    dq_tma: bool = True
+    dkdv_tma: bool = False
 
 
 def block_d(head_dim: int) -> int:
@@ -50,7 +56,10 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
     dQ 128x64 tiles, 8 warps, 3 stages (2.89; 64 query rows with 4 warps 3.93, 32-key 3.57); dK/dV 64 keys x 32
     queries, 4 warps, 3 stages (4.84; 2 stages 5.92, 16 queries 5.80, 64 queries 6.46, 8 warps 10.1-13.4). A 128-key
     dK/dV tile spans two layout blocks, and when one is a stripe of the head and the other is not, the whole run
-    below the stripe is computed for both (10.6 ms)."""
+    below the stripe is computed for both (10.6 ms). Interior tiles through TMA descriptors (forward and dQ), with
+    the query-tile grids in tile-major order (H200, fwd+bwd ms at 8k / 32k / 128k): 1.585 / 10.28 / 101.3 against
+    1.654 / 10.56 / 107.1 with pointer loads; descriptors in dK/dV 1.643 / 10.97 / 101.7, so they stay off there.
+    The sweep of that version (``bench/results/logs/attention_sweep.log``) kept the other defaults."""
     big = block_d(head_dim) > 128
     block_m = max(64 if big else 128, block_size) if merge_q else block_size
     fwd_block_m = max(64, block_size) if merge_q else block_size
@@ -63,8 +72,10 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
         dkdv_m = min(dkdv_m, block_size)
     warps = lambda rows: 8 if rows >= 128 or big else 4  # noqa: E731 - one warpgroup per 64 query rows
     stages = 1 if elem_bytes > 2 else None
+    tma = os.environ.get("S2MEGATRON_TRITON_TMA", "1") != "0"  # "0": pointer loads everywhere (debugging, A/B)
+    # dK/dV measured 1-7 % slower with descriptor loads of Q and dO (H200, 32k and 128k), so they stay pointer loads
     return TileConfig(fwd_block_m=fwd_block_m, block_m=block_m, block_n=block_n, dq_block_n=block_n,
                       dkdv_block_n=dkdv_n, dkdv_block_m=dkdv_m, fwd_warps=warps(fwd_block_m),
                       fwd_stages=stages or (2 if big else 3), dq_warps=warps(block_m),
                       dq_stages=stages or (2 if big else 3), dkdv_warps=8 if big else 4,
-                      dkdv_stages=stages or (2 if big else 3))
+                      dkdv_stages=stages or (2 if big else 3), fwd_tma=tma, dq_tma=tma, dkdv_tma=False)

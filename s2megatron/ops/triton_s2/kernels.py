@@ -16,6 +16,12 @@ Positions are absolute within a sequence (a KV prefix of ``past = kv_len - q_len
 packed varlen sequence starts at position 0 and token ``cu_seqlens[b]``). Scores are kept in base 2: ``qk_scale`` is
 ``sm_scale * log2(e)``, so softmax uses ``exp2`` and lse is converted to natural log on store.
 
+Interior K/V tiles of the forward and dQ (and, when enabled, Q/dO chunks of dK/dV) may be read through TMA tensor
+descriptors over the token rows (``DESC``; built by ``op.row_descriptor`` where the tensors allow one), else through
+pointers. The query-tile grids are (tiles, heads, batch entries), so neighbouring tiles of one head run together and
+share its stripes in L2; dK/dV's grid puts the kv head fastest, so every head's stripe key tiles (the longest runs)
+start early.
+
 No atomics: dQ is owned by the program of its query tile, dK/dV by the program of its (kv head, key tile), which walks
 every query head of its GQA group in a fixed order. Two backward passes are therefore bitwise identical.
 
@@ -32,8 +38,8 @@ _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 # Lengths and counts change from call to call: do not compile one kernel per divisibility class of each.
-_DYNAMIC = ("q_len", "kv_len", "num_tiles", "first_block", "num_key_blocks", "num_rows", "num_heads", "group",
-            "num_kv_heads", "local_blocks", "vert_stride")
+_DYNAMIC = ("q_len", "kv_len", "num_tiles", "first_block", "num_key_blocks", "num_rows", "num_kv_heads", "group",
+            "local_blocks", "vert_stride", "kv_rows_b", "q_rows_b")
 
 
 def _jit_dynamic(fn):
@@ -238,16 +244,18 @@ def _fast_split(n_ent, w0, w1, w2, w3, width, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(CU_SEQLENS, q_len, kv_len, num_tiles, first_block, num_heads,
+def _query_tile(CU_SEQLENS, q_len, kv_len, num_tiles, first_block,
                 BS: tl.constexpr, ROWS: tl.constexpr, VARLEN: tl.constexpr):
-    """The query tile of this program (axis 0: batch entry x query head; axis 1: tiles, latest first, since their
-    rows are the longest): (batch entry, query head, tile, first query position of the tile, and ``_seq_bounds``).
-    The caller returns when the tile starts at or past ``kv_end`` (a short packed sequence), and only then derives
-    the int64 batch offset and the kv head: derived before that branch, they raise the kernels' register count."""
-    pid_bh = tl.program_id(0)
-    tile = num_tiles - 1 - tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    """The query tile of this program (axis 0: tiles, latest first, since their rows are the longest; axis 1: query
+    head; axis 2: batch entry): (batch entry, query head, tile, first query position of the tile, and
+    ``_seq_bounds``). Programs launch in axis-0 order, so the CTAs resident at one time are neighbouring tiles of
+    one head: they read the same stripes and overlapping local windows, which then stay in L2 (heads on axis 0
+    spread them over every head, whose K/V outgrow L2 from about 32k tokens). The caller returns when the tile
+    starts at or past ``kv_end`` (a short packed sequence), and only then derives the int64 batch offset and the kv
+    head: derived before that branch, they raise the kernels' register count."""
+    tile = num_tiles - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
     tile_pos0 = (first_block + tile * ROWS) * BS
     return b, h, tile, tile_pos0, seq_start, kv_end, past
@@ -294,6 +302,28 @@ def _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_of
 
 
 @triton.jit
+def _desc_rows(DESC, row, col, UPCAST: tl.constexpr):
+    """A [block rows, BLOCK_D] tile of token rows ``row..`` at column ``col`` (a head's first element) through the
+    tensor descriptor ``DESC`` (a TMA copy on Hopper and later: no address registers, no predicates)."""
+    x = DESC.load([row.to(tl.int32), col])
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _interior_kv_desc(it, w0, w1, mid_start, vert_stride, K_DESC, V_DESC, row0, k_col, v_col,
+                      BS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """``_interior_kv`` through tensor descriptors: ``row0`` is the token row of key position 0 of the sequence,
+    ``k_col``/``v_col`` the first column of the kv head."""
+    SUBS: tl.constexpr = BS // BLOCK_N
+    e = it // SUBS
+    j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
+    row = row0 + j * BS + (it % SUBS) * BLOCK_N
+    return _desc_rows(K_DESC, row, k_col, UPCAST), _desc_rows(V_DESC, row, v_col, UPCAST)
+
+
+@triton.jit
 def _masked_kv(itm, n_ent, w0, w1, w2, w3, width, m1, vert_stride, tile_pos0, kv_end, ROW_COLS, ROW_LAST,
                k_base, v_base, stride_ks, stride_vs, offs_n, offs_d, d_ok,
                BS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
@@ -320,19 +350,19 @@ def _masked_kv(itm, n_ent, w0, w1, w2, w3, width, m1, vert_stride, tile_pos0, kv
 
 @_jit_dynamic
 def s2_fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES,
+    Q, K, V, O, LSE, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES, K_DESC, V_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    qk_scale, q_len, kv_len, num_tiles, first_block, num_heads, group, local_blocks, vert_stride,
+    qk_scale, q_len, kv_len, num_tiles, first_block, group, local_blocks, vert_stride, kv_rows_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr, DESC: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_M // BS
     FAST: tl.constexpr = ANALYTIC and BS >= BLOCK_N  # S2 layout, whole key tiles: interior tiles unmasked
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     b, h, tile, tile_pos0, seq_start, kv_end, past = _query_tile(CU_SEQLENS, q_len, kv_len, num_tiles, first_block,
-                                                                num_heads, BS, ROWS, VARLEN)
+                                                                BS, ROWS, VARLEN)
     if tile_pos0 >= kv_end:
         return
     off_b = b.to(tl.int64)
@@ -355,9 +385,14 @@ def s2_fwd_kernel(
     if FAST:  # interior key tiles first: no masks, scalar addressing
         k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
         v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
+        kv_row0 = off_b * kv_rows_b + seq_start
         for it in range(0, n_in):
-            k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
-                                stride_vs, d_ok, BS, BLOCK_N, EVEN_D, UPCAST)
+            if DESC:
+                k, v = _interior_kv_desc(it, w0, w1, mid_start, vert_stride, K_DESC, V_DESC, kv_row0,
+                                         kvh * stride_kh, kvh * stride_vh, BS, BLOCK_N, UPCAST)
+            else:
+                k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
+                                    stride_vs, d_ok, BS, BLOCK_N, EVEN_D, UPCAST)
             m_i, l_i, acc = _fwd_step(q, k, v, m_i, l_i, acc, qk_scale, False, None, None, None, None, PREC)
     sub_row = offs_m // BS
     for itm in range(0, n_masked):  # then the boundary tiles, masked
@@ -378,15 +413,15 @@ def s2_fwd_kernel(
 @_jit_dynamic
 def s2_bwd_preprocess_kernel(
     O, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-    num_rows, num_heads,
+    num_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
-    """Delta = rowsum(O * dO) - dLSE (the lse gradient enters dS = P * (dP - Delta) with a minus sign)."""
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = pid_bh % num_heads
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Delta = rowsum(O * dO) - dLSE (the lse gradient enters dS = P * (dP - Delta) with a minus sign). Grid: (row
+    chunks, heads, batch entries)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     ok = rows < num_rows
     mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -402,20 +437,20 @@ def s2_bwd_preprocess_kernel(
 
 @_jit_dynamic
 def s2_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES,
+    Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES, K_DESC, V_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
-    sm_scale, qk_scale, q_len, kv_len, num_tiles, first_block, num_heads, group, local_blocks, vert_stride,
+    sm_scale, qk_scale, q_len, kv_len, num_tiles, first_block, group, local_blocks, vert_stride, kv_rows_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr, DESC: tl.constexpr,
 ):
     """dQ of one query tile, walking its row list (same tiles and metadata as the forward)."""
     ROWS: tl.constexpr = BLOCK_M // BS
     FAST: tl.constexpr = ANALYTIC and BS >= BLOCK_N  # S2 layout, whole key tiles: interior tiles unmasked
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     b, h, tile, tile_pos0, seq_start, kv_end, past = _query_tile(CU_SEQLENS, q_len, kv_len, num_tiles, first_block,
-                                                                num_heads, BS, ROWS, VARLEN)
+                                                                BS, ROWS, VARLEN)
     if tile_pos0 >= kv_end:
         return
     off_b = b.to(tl.int64)
@@ -442,9 +477,14 @@ def s2_bwd_dq_kernel(
     if FAST:  # interior key tiles first (see the forward)
         k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
         v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
+        kv_row0 = off_b * kv_rows_b + seq_start
         for it in range(0, n_in):
-            k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
-                                stride_vs, d_ok, BS, BLOCK_N, EVEN_D, UPCAST)
+            if DESC:
+                k, v = _interior_kv_desc(it, w0, w1, mid_start, vert_stride, K_DESC, V_DESC, kv_row0,
+                                         kvh * stride_kh, kvh * stride_vh, BS, BLOCK_N, UPCAST)
+            else:
+                k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
+                                    stride_vs, d_ok, BS, BLOCK_N, EVEN_D, UPCAST)
             dq = _dq_step(q, do, k, v, dq, lse2, delta, qk_scale, False, None, None, None, None, PREC)
     sub_row = offs_m // BS
     for itm in range(0, n_masked):  # then the boundary tiles, masked
@@ -459,14 +499,15 @@ def s2_bwd_dq_kernel(
 
 @_jit_dynamic
 def s2_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, COL_PTR, COL_ROWS, RESIDUES,
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, COL_PTR, COL_ROWS, RESIDUES, Q_DESC, DO_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
     sm_scale, qk_scale, q_len, kv_len, num_key_blocks, first_block, num_kv_heads, group, local_blocks, vert_stride,
+    q_rows_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, RUN: tl.constexpr,
-    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr, DESC: tl.constexpr,
 ):
     """dK/dV of one key tile of one kv head, summed over the query heads of its GQA group in order.
 
@@ -474,10 +515,11 @@ def s2_bwd_dkdv_kernel(
     contiguous range from the earliest run start to the latest run end (``col_rows`` first/last entries); a row of
     query block i reaches key block j only while i <= last(j). Otherwise (any custom layout) BLOCK_N <= BS and the
     key tile walks its block's column list, BLOCK_M <= BS rows at a time."""
-    pid_bh = tl.program_id(0)
-    k_pos0 = tl.program_id(1) * BLOCK_N
-    b = pid_bh // num_kv_heads
-    kvh = pid_bh % num_kv_heads
+    # axis 0: (key tile, kv head) with the kv head fastest, so the heavy tiles (a head's stripes, whose runs reach
+    # the end of the sequence) of every head start early and the grid ends on short runs; axis 1: batch entry
+    kvh = tl.program_id(0) % num_kv_heads
+    k_pos0 = (tl.program_id(0) // num_kv_heads) * BLOCK_N
+    b = tl.program_id(1)
     seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
     if k_pos0 >= kv_end:
         return
@@ -523,10 +565,15 @@ def s2_bwd_dkdv_kernel(
             # interior query chunks [c0, c1): every row at or after every key, inside the queries and the run
             c0 = tl.minimum((tl.maximum(tl.maximum(k_last, past) - q_lo, 0) + BLOCK_M - 1) // BLOCK_M, n_tot)
             c1 = tl.minimum(tl.maximum((tl.minimum(q_end, kv_end) - q_lo) // BLOCK_M, c0), n_tot)
+            q_row0 = off_b * q_rows_b + qrow0
             for c in range(c0, c1):
                 r = (q_lo + c * BLOCK_M).to(tl.int64)
-                q = _load_rows(q_base + r * stride_qs + q_off, None, d_ok, EVEN_D, UPCAST)
-                do = _load_rows(do_base + r * stride_dos + do_off, None, d_ok, EVEN_D, UPCAST)
+                if DESC:
+                    q = _desc_rows(Q_DESC, q_row0 + r, h * stride_qh, UPCAST)
+                    do = _desc_rows(DO_DESC, q_row0 + r, h * stride_doh, UPCAST)
+                else:
+                    q = _load_rows(q_base + r * stride_qs + q_off, None, d_ok, EVEN_D, UPCAST)
+                    do = _load_rows(do_base + r * stride_dos + do_off, None, d_ok, EVEN_D, UPCAST)
                 lse2 = tl.load(LSE + l_off + r + offs_m) * _LOG2E
                 delta = tl.load(DELTA + l_off + r + offs_m)
                 dk, dv = _dkdv_step(k, v, q, do, dk, dv, lse2, delta, qk_scale, False, None, None, None, 0, BS, PREC)

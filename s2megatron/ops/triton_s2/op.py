@@ -9,6 +9,7 @@ of a shape has been built (the first call builds it).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -116,6 +117,11 @@ class _Plan:
             self.batch, self.q_len, self.num_heads, self.head_dim = q.shape
             self.kv_len = k.shape[1]
         self.num_kv_heads = k.shape[-2]
+        # the query-tile kernels' grids are (tiles, heads, batch entries), dK/dV's (key tiles x kv heads, batch
+        # entries): axes 1 and 2 hold at most 65535 programs
+        for what, n in (("query heads", self.num_heads), ("sequences in one call", self.batch)):
+            if n > 65535:
+                raise ValueError(f"{n} {what} exceed the kernels' launch grid (at most 65535); split the call")
         self.group = self.num_heads // self.num_kv_heads
         self.block_size = layout.block_size
         self.merge_q = _merge_allowed(layout)
@@ -149,10 +155,11 @@ class _Plan:
                                 head_offset=head_offset, total_heads=total_heads, total_kv_heads=total_kv_heads,
                                 device=self.device, rows_per_tile=rows_per_tile)
             residues = meta.head_to_pattern
-        if meta.num_tiles > 65535:
-            raise ValueError(f"{meta.num_tiles} query tiles exceed the launch grid (65535); pass max_seqlen "
-                             "for packed input or use a larger block_size")
         return meta, residues
+
+    def fast(self, block_n: int) -> bool:
+        """Whether the row walks of this call have interior key tiles (the kernels' FAST path)."""
+        return self.analytic and self.block_size >= block_n
 
     def common(self):
         return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BS=self.block_size, VARLEN=self.varlen,
@@ -168,8 +175,51 @@ def _lse_strides(lse, varlen):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
+def row_descriptor(x, varlen, block_rows, block_d):
+    """``(descriptor, rows per batch entry)`` over the token rows of ``x`` ([B, S, H, D] or packed [T, H, D]) as a
+    2-D tensor: row ``b * rows_b + s``, column ``h * stride_h + d``; or ``(None, 0)`` where a TMA copy cannot read
+    it: not 16-bit, head dim not equal to ``block_d`` (a tile would read the next head), strides or base not
+    16-byte aligned, or batch entries not a whole number of token rows apart."""
+    if x.element_size() != 2 or x.shape[-1] != block_d:
+        return None, 0
+    sb, ss, sh = _qkv_strides(x, varlen)
+    batch, seq, heads = (1, x.shape[0], x.shape[1]) if varlen else x.shape[:3]
+    if ss <= 0:
+        return None, 0
+    rows_b = 0
+    if batch > 1:
+        if sb % ss:
+            return None, 0
+        rows_b = sb // ss
+    aligned = lambda n: (n * 2) % 16 == 0  # noqa: E731
+    if x.data_ptr() % 16 or not aligned(ss) or (heads > 1 and not aligned(sh)):
+        return None, 0
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    width = (heads - 1) * sh + block_d if heads > 1 else block_d
+    return TensorDescriptor(x, [(batch - 1) * rows_b + seq, width], [ss, 1], [block_rows, block_d]), rows_b
+
+
+def _row_descriptors(enabled, pair, varlen, block_rows, block_d):
+    """Descriptors of both tensors of ``pair`` (K and V, or Q and dO) and the rows per batch entry of each (equal,
+    or none are used); ``(None, None, 0, False)`` when disabled or either tensor cannot take one."""
+    if not enabled:
+        return None, None, 0, False
+    (d0, r0), (d1, r1) = (row_descriptor(x, varlen, block_rows, block_d) for x in pair)
+    if d0 is None or d1 is None or r0 != r1:
+        return None, None, 0, False
+    return d0, d1, r0, True
+
+
 def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _current(device: torch.device):
+    """Triton launches on the current CUDA device: make ``device`` (the tensors') current for the launches. A no-op
+    when it already is (the usual case: one device per rank, set at start-up), or on the CPU."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_heads, total_kv_heads):
@@ -181,15 +231,19 @@ def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_
     lse_shape = (plan.num_heads, plan.num_tokens) if plan.varlen else (plan.batch, plan.num_heads, plan.q_len)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     cu = cu_seqlens if plan.varlen else meta.head_to_pattern  # unused placeholder pointer when not packed
-    grid = (plan.batch * plan.num_heads, meta.num_tiles)
-    _kernels.s2_fwd_kernel[grid](
-        q, k, v, out, lse, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last, residues,
-        *_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
-        *_qkv_strides(out, plan.varlen), *_lse_strides(lse, plan.varlen),
-        sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block, plan.num_heads,
-        plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n,
-        ANALYTIC=plan.analytic,
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **plan.common())
+    grid = (meta.num_tiles, plan.num_heads, plan.batch)
+    k_desc, v_desc, kv_rows_b, desc = _row_descriptors(cfg.fwd_tma and plan.fast(cfg.block_n), (k, v), plan.varlen,
+                                                       cfg.block_n, plan.block_d)
+    with _current(plan.device):
+        _kernels.s2_fwd_kernel[grid](
+            q, k, v, out, lse, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last, residues,
+            k_desc, v_desc,
+            *_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
+            *_qkv_strides(out, plan.varlen), *_lse_strides(lse, plan.varlen),
+            sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block, plan.group,
+            plan.local_blocks, plan.vert_stride, kv_rows_b, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n,
+            ANALYTIC=plan.analytic, DESC=desc,
+            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **plan.common())
     return out, lse
 
 
@@ -206,32 +260,40 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
         dlse = dlse.contiguous()
     rows = plan.num_tokens if plan.varlen else plan.q_len
     pre_m = 64
-    _kernels.s2_bwd_preprocess_kernel[(plan.batch if not plan.varlen else 1) * plan.num_heads,
-                                      triton_cdiv(rows, pre_m)](
-        out, dout, dlse if dlse is not None else delta, delta, *_qkv_strides(out, plan.varlen),
-        *_qkv_strides(dout, plan.varlen), *_lse_strides(lse, plan.varlen), rows, plan.num_heads,
-        HEAD_DIM=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_M=pre_m,
-        HAS_DLSE=dlse is not None, num_warps=4)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     strides = (*_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
                *_qkv_strides(dout, plan.varlen))
-    _kernels.s2_bwd_dq_kernel[(plan.batch * plan.num_heads, meta.num_tiles)](
-        q, k, v, dout, dq, lse, delta, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last,
-        residues,
-        *strides, *_qkv_strides(dq, plan.varlen), *_lse_strides(lse, plan.varlen),
-        sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block, plan.num_heads,
-        plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
-        ANALYTIC=plan.analytic,
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common)
-    _kernels.s2_bwd_dkdv_kernel[(plan.batch * plan.num_kv_heads, triton_cdiv(plan.kv_len, cfg.dkdv_block_n))](
-        q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, residues,
-        *strides, *_qkv_strides(dk, plan.varlen), *_qkv_strides(dv, plan.varlen), *_lse_strides(lse, plan.varlen),
-        sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
-        plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, BLOCK_M=cfg.dkdv_block_m,
-        BLOCK_N=cfg.dkdv_block_n, RUN=plan.merge_q, ANALYTIC=plan.analytic, num_warps=cfg.dkdv_warps,
-        num_stages=cfg.dkdv_stages, **common)
+    k_desc, v_desc, kv_rows_b, dq_desc = _row_descriptors(cfg.dq_tma and plan.fast(cfg.dq_block_n), (k, v),
+                                                          plan.varlen, cfg.dq_block_n, plan.block_d)
+    # interior query chunks exist where a key tile holds whole layout blocks of a KV-cache-efficient layout
+    q_desc, do_desc, q_rows_b, dkdv_desc = _row_descriptors(
+        cfg.dkdv_tma and plan.merge_q and plan.block_size >= cfg.dkdv_block_n, (q, dout), plan.varlen,
+        cfg.dkdv_block_m, plan.block_d)
+    with _current(plan.device):
+        _kernels.s2_bwd_preprocess_kernel[(triton_cdiv(rows, pre_m), plan.num_heads, 1 if plan.varlen else plan.batch)](
+            out, dout, dlse if dlse is not None else delta, delta, *_qkv_strides(out, plan.varlen),
+            *_qkv_strides(dout, plan.varlen), *_lse_strides(lse, plan.varlen), rows,
+            HEAD_DIM=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_M=pre_m,
+            HAS_DLSE=dlse is not None, num_warps=4)
+        _kernels.s2_bwd_dq_kernel[(meta.num_tiles, plan.num_heads, plan.batch)](
+            q, k, v, dout, dq, lse, delta, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last,
+            residues, k_desc, v_desc,
+            *strides, *_qkv_strides(dq, plan.varlen), *_lse_strides(lse, plan.varlen),
+            sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
+            plan.group, plan.local_blocks, plan.vert_stride, kv_rows_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
+            ANALYTIC=plan.analytic, DESC=dq_desc,
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common)
+        _kernels.s2_bwd_dkdv_kernel[(triton_cdiv(plan.kv_len, cfg.dkdv_block_n) * plan.num_kv_heads, plan.batch)](
+            q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, residues,
+            q_desc, do_desc,
+            *strides, *_qkv_strides(dk, plan.varlen), *_qkv_strides(dv, plan.varlen),
+            *_lse_strides(lse, plan.varlen),
+            sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
+            plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, q_rows_b, BLOCK_M=cfg.dkdv_block_m,
+            BLOCK_N=cfg.dkdv_block_n, RUN=plan.merge_q, ANALYTIC=plan.analytic, DESC=dkdv_desc,
+            num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common)
     return dq, dk, dv
 
 
