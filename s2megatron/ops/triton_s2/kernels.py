@@ -288,16 +288,24 @@ def _key_tile_split(n_ent, w0, w1, w2, w3, width,
 
 @triton.jit
 def _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks, stride_vs, d_ok,
-                 BS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+                 K_DESC, V_DESC, row0, k_col, v_col,
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+                 DESC: tl.constexpr):
     """K and V of interior key tile ``it`` (FAST, ``_key_tile_split``): the w1 stripes ``w0 + e * vert_stride``,
-    then the local blocks from ``mid_start``. Loaded without masks at the scalar offset of the tile; ``k_off`` and
-    ``v_off`` are the loop-invariant [BLOCK_N, BLOCK_D] offsets within a tile."""
+    then the local blocks from ``mid_start``. DESC: through the tensor descriptors (``row0`` the token row of key
+    position 0 of the sequence, ``k_col``/``v_col`` the kv head's first column); otherwise loaded without masks at
+    the scalar offset of the tile (``k_off``/``v_off`` the loop-invariant [BLOCK_N, BLOCK_D] offsets in a tile)."""
     SUBS: tl.constexpr = BS // BLOCK_N
     e = it // SUBS
     j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
-    k_pos0 = (j * BS + (it % SUBS) * BLOCK_N).to(tl.int64)
-    k = _load_rows(k_base + k_pos0 * stride_ks + k_off, None, d_ok, EVEN_D, UPCAST)
-    v = _load_rows(v_base + k_pos0 * stride_vs + v_off, None, d_ok, EVEN_D, UPCAST)
+    if DESC:
+        row = row0 + j * BS + (it % SUBS) * BLOCK_N
+        k = _desc_rows(K_DESC, row, k_col, UPCAST)
+        v = _desc_rows(V_DESC, row, v_col, UPCAST)
+    else:
+        k_pos0 = (j * BS + (it % SUBS) * BLOCK_N).to(tl.int64)
+        k = _load_rows(k_base + k_pos0 * stride_ks + k_off, None, d_ok, EVEN_D, UPCAST)
+        v = _load_rows(v_base + k_pos0 * stride_vs + v_off, None, d_ok, EVEN_D, UPCAST)
     return k, v
 
 
@@ -309,18 +317,6 @@ def _desc_rows(DESC, row, col, UPCAST: tl.constexpr):
     if UPCAST:
         x = x.to(tl.float32)
     return x
-
-
-@triton.jit
-def _interior_kv_desc(it, w0, w1, mid_start, vert_stride, K_DESC, V_DESC, row0, k_col, v_col,
-                      BS: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """``_interior_kv`` through tensor descriptors: ``row0`` is the token row of key position 0 of the sequence,
-    ``k_col``/``v_col`` the first column of the kv head."""
-    SUBS: tl.constexpr = BS // BLOCK_N
-    e = it // SUBS
-    j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
-    row = row0 + j * BS + (it % SUBS) * BLOCK_N
-    return _desc_rows(K_DESC, row, k_col, UPCAST), _desc_rows(V_DESC, row, v_col, UPCAST)
 
 
 @triton.jit
@@ -387,12 +383,9 @@ def s2_fwd_kernel(
         v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
         kv_row0 = off_b * kv_rows_b + seq_start
         for it in range(0, n_in):
-            if DESC:
-                k, v = _interior_kv_desc(it, w0, w1, mid_start, vert_stride, K_DESC, V_DESC, kv_row0,
-                                         kvh * stride_kh, kvh * stride_vh, BS, BLOCK_N, UPCAST)
-            else:
-                k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
-                                    stride_vs, d_ok, BS, BLOCK_N, EVEN_D, UPCAST)
+            k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
+                                stride_vs, d_ok, K_DESC, V_DESC, kv_row0, kvh * stride_kh, kvh * stride_vh, BS,
+                                BLOCK_N, EVEN_D, UPCAST, DESC)
             m_i, l_i, acc = _fwd_step(q, k, v, m_i, l_i, acc, qk_scale, False, None, None, None, None, PREC)
     sub_row = offs_m // BS
     for itm in range(0, n_masked):  # then the boundary tiles, masked
@@ -479,12 +472,9 @@ def s2_bwd_dq_kernel(
         v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
         kv_row0 = off_b * kv_rows_b + seq_start
         for it in range(0, n_in):
-            if DESC:
-                k, v = _interior_kv_desc(it, w0, w1, mid_start, vert_stride, K_DESC, V_DESC, kv_row0,
-                                         kvh * stride_kh, kvh * stride_vh, BS, BLOCK_N, UPCAST)
-            else:
-                k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
-                                    stride_vs, d_ok, BS, BLOCK_N, EVEN_D, UPCAST)
+            k, v = _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks,
+                                stride_vs, d_ok, K_DESC, V_DESC, kv_row0, kvh * stride_kh, kvh * stride_vh, BS,
+                                BLOCK_N, EVEN_D, UPCAST, DESC)
             dq = _dq_step(q, do, k, v, dq, lse2, delta, qk_scale, False, None, None, None, None, PREC)
     sub_row = offs_m // BS
     for itm in range(0, n_masked):  # then the boundary tiles, masked
