@@ -367,6 +367,7 @@ def test_row_descriptor_only_where_a_tma_copy_reads_exactly_the_head():
     assert _op.row_descriptor(x.transpose(0, 1), False, 64, 64)[0] is None               # batch entries interleaved
     odd = torch.zeros(1, 96, 2, 68, dtype=torch.bfloat16, device=DEVICE)[..., :64]
     assert _op.row_descriptor(odd, False, 64, 64)[0] is None                             # 136-byte head stride
+    assert _op.row_descriptor(x[:, :1].expand(2, 96, 3, 64), False, 64, 64)[0] is None  # one token row repeated
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

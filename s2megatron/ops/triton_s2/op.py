@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Optional
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...sparsity.layout import Layout, S2Layout
 from ...sparsity.metadata import get_metadata, tiling
@@ -182,19 +183,18 @@ def row_descriptor(x, varlen, block_rows, block_d):
     16-byte aligned, or batch entries not a whole number of token rows apart."""
     if x.element_size() != 2 or x.shape[-1] != block_d:
         return None, 0
-    sb, ss, sh = _qkv_strides(x, varlen)
-    batch, seq, heads = (1, x.shape[0], x.shape[1]) if varlen else x.shape[:3]
-    if ss <= 0:
+    if varlen:
+        (seq, heads, _), (ss, sh, _), batch, sb = x.shape, x.stride(), 1, 0
+    else:
+        (batch, seq, heads, _), (sb, ss, sh, _) = x.shape, x.stride()
+    # 16-bit elements: 16-byte alignment is a multiple of 8 elements
+    if ss <= 0 or ss % 8 or (heads > 1 and sh % 8) or x.data_ptr() % 16:
         return None, 0
     rows_b = 0
     if batch > 1:
         if sb % ss:
             return None, 0
         rows_b = sb // ss
-    aligned = lambda n: (n * 2) % 16 == 0  # noqa: E731
-    if x.data_ptr() % 16 or not aligned(ss) or (heads > 1 and not aligned(sh)):
-        return None, 0
-    from triton.tools.tensor_descriptor import TensorDescriptor
     width = (heads - 1) * sh + block_d if heads > 1 else block_d
     return TensorDescriptor(x, [(batch - 1) * rows_b + seq, width], [ss, 1], [block_rows, block_d]), rows_b
 
