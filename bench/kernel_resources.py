@@ -29,6 +29,7 @@ from s2megatron.ops.triton_s2 import kernels  # noqa: E402
 FP32_PTRS = {"LSE", "DELTA", "DLSE"}
 INT_PTRS = {"CU_SEQLENS", "HEAD_TO_PAT", "ROW_PTR", "ROW_COLS", "ROW_LAST", "RESIDUES", "COL_PTR", "COL_ROWS"}
 FLOATS = {"qk_scale", "sm_scale"}
+SMEM_PER_SM_KB = {80: 164, 86: 100, 87: 164, 89: 100, 90: 228, 100: 228, 103: 228, 120: 100}  # per SM, for CTAs
 
 
 def _signature(fn, constexprs: dict, desc_rows: int):
@@ -67,7 +68,8 @@ def ptxas_report(ptx: str, arch: int) -> dict:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        res = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+        suffix = "a" if arch >= 90 else ""  # the arch-specific features (wgmma, TMA) of sm_90a and later
+        res = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True)
     text = res.stderr
     regs = re.search(r"Used (\d+) registers", text)
@@ -88,7 +90,7 @@ def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int
     threads = 32 * num_warps
     if out["registers"]:
         by_regs = 65536 // (out["registers"] * threads)
-        by_smem = (228 * 1024) // max(out["shared_bytes"], 1)
+        by_smem = SMEM_PER_SM_KB.get(arch, 100) * 1024 // max(out["shared_bytes"], 1)
         out["ctas_per_sm"] = min(by_regs, by_smem, 64 // num_warps)
     return out
 
@@ -97,7 +99,8 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
     bd = tile_cfg.block_d(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BS=block, VARLEN=False, UPCAST=False, PREC="tf32")
     rows = {}
-    even = head_dim == bd  # descriptors need the head dim to fill the tile (op.row_descriptor)
+    # as launched: descriptors need the head dim to fill the tile (op.row_descriptor) and TMA (sm_90 or later)
+    even = head_dim == bd and arch >= 90
     rows["fwd"] = compile_one(kernels.s2_fwd_kernel, dict(common, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n,
                                                            ANALYTIC=analytic, DESC=cfg.fwd_tma and even),
                               cfg.fwd_warps, cfg.fwd_stages, arch, cfg.block_n)

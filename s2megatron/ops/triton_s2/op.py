@@ -135,6 +135,8 @@ class _Plan:
         self.device = q.device
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        # TMA copies exist from Hopper (sm_90) on; the interpreter runs the descriptor code path on the CPU
+        self.tma = _has_tma(self.device.index) if self.device.type == "cuda" else self.device.type == "cpu"
         if self.analytic:
             self.local_blocks, self.vert_stride = layout.local_blocks, layout.vert_stride
         else:
@@ -199,6 +201,13 @@ def row_descriptor(x, varlen, block_rows, block_d):
     return TensorDescriptor(x, [(batch - 1) * rows_b + seq, width], [ss, 1], [block_rows, block_d]), rows_b
 
 
+@lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    """Whether the GPU has TMA (compute capability 9.0 or later). Before it, Triton would turn descriptor loads back
+    into bounds-checked pointer loads, which were never measured against the kernels' own pointer path."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def _row_descriptors(enabled, pair, varlen, block_rows, block_d):
     """Descriptors of both tensors of ``pair`` (K and V, or Q and dO) and the rows per batch entry of each (equal,
     or none are used); ``(None, None, 0, False)`` when disabled or either tensor cannot take one."""
@@ -232,8 +241,8 @@ def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     cu = cu_seqlens if plan.varlen else meta.head_to_pattern  # unused placeholder pointer when not packed
     grid = (meta.num_tiles, plan.num_heads, plan.batch)
-    k_desc, v_desc, kv_rows_b, desc = _row_descriptors(cfg.fwd_tma and plan.fast(cfg.block_n), (k, v), plan.varlen,
-                                                       cfg.block_n, plan.block_d)
+    k_desc, v_desc, kv_rows_b, desc = _row_descriptors(plan.tma and cfg.fwd_tma and plan.fast(cfg.block_n), (k, v),
+                                                       plan.varlen, cfg.block_n, plan.block_d)
     with _current(plan.device):
         _kernels.s2_fwd_kernel[grid](
             q, k, v, out, lse, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last, residues,
@@ -265,11 +274,11 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     strides = (*_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
                *_qkv_strides(dout, plan.varlen))
-    k_desc, v_desc, kv_rows_b, dq_desc = _row_descriptors(cfg.dq_tma and plan.fast(cfg.dq_block_n), (k, v),
-                                                          plan.varlen, cfg.dq_block_n, plan.block_d)
+    k_desc, v_desc, kv_rows_b, dq_desc = _row_descriptors(plan.tma and cfg.dq_tma and plan.fast(cfg.dq_block_n),
+                                                          (k, v), plan.varlen, cfg.dq_block_n, plan.block_d)
     # interior query chunks exist where a key tile holds whole layout blocks of a KV-cache-efficient layout
     q_desc, do_desc, q_rows_b, dkdv_desc = _row_descriptors(
-        cfg.dkdv_tma and plan.merge_q and plan.block_size >= cfg.dkdv_block_n, (q, dout), plan.varlen,
+        plan.tma and cfg.dkdv_tma and plan.merge_q and plan.block_size >= cfg.dkdv_block_n, (q, dout), plan.varlen,
         cfg.dkdv_block_m, plan.block_d)
     with _current(plan.device):
         _kernels.s2_bwd_preprocess_kernel[(triton_cdiv(rows, pre_m), plan.num_heads, 1 if plan.varlen else plan.batch)](
