@@ -23,7 +23,9 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from report import pyplot, write_markdown  # noqa: E402
 from s2megatron.ops.triton_s2 import config as tile_cfg  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout, build_metadata, get_metadata  # noqa: E402
@@ -198,8 +200,9 @@ def write_outputs(out_dir, card, echo=False):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"attention_{tag}.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
+    env = RESULTS.get("env", {"torch": torch.__version__, "triton": triton.__version__})
     lines = [f"# S2 attention benchmark on {card}", "",
-             f"torch {torch.__version__}, triton {triton.__version__}; B={B}, H={H}, D={D}, bf16, causal; "
+             f"torch {env['torch']}, triton {env['triton']}; B={B}, H={H}, D={D}, bf16, causal; "
              "L16V16 at block 64 (head sliding, offset 1); medians of triton.testing.do_bench, ms. "
              "FlexAttention runs at its 128-token blocks with the same mask_mod.", "",
              f"## L16V16, block 64 ({card})", "",
@@ -254,10 +257,8 @@ def write_outputs(out_dir, card, echo=False):
     if "flex_check_rel_err" in RESULTS:
         lines += ["", f"Agreement with FlexAttention at 8k (bf16): max abs err / max abs = "
                   f"{RESULTS['flex_check_rel_err']:.2e}."]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, kind in zip(axes, ("fwd_ms", "fwdbwd_ms")):
             for name, pre in (("ours", ""), ("FA2", "fa2_"), ("cuDNN", "cudnn_"), ("Flex", "flex_")):
@@ -272,13 +273,11 @@ def write_outputs(out_dir, card, echo=False):
             ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"attention_{tag}.png"), dpi=110)
+        plt.close(fig)
         lines += ["", f"Plot: attention_{tag}.png"]
-    except ImportError:
+    else:
         lines += ["", "No plot: matplotlib is not installed on the benchmark machine."]
-    with open(os.path.join(out_dir, f"attention_{tag}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    if echo:
-        log("\n".join(lines))
+    write_markdown(os.path.join(out_dir, f"attention_{tag}.md"), lines, echo=echo)
 
 
 def main():

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 
-def write_markdown(path: str, lines) -> None:
-    """Write ``lines`` as a markdown file and echo them."""
+def write_markdown(path: str, lines, echo: bool = True) -> None:
+    """Write ``lines`` as a markdown file and (``echo``) print them."""
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if echo:
+        print("\n".join(lines))
 
 
 def pyplot():

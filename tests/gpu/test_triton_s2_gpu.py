@@ -12,6 +12,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
+from numerics import rel_err  # noqa: E402
 from s2megatron.ops.reference import reference_attention  # noqa: E402
 from s2megatron.sparsity import BlockMaskLayout, S2Layout, get_metadata  # noqa: E402
 
@@ -20,10 +21,6 @@ if torch.cuda.is_available():
 
 DEV = "cuda"
 REL_TOL = 1e-2  # bf16/fp16: max abs err / max abs ref, for out, dq, dk, dv
-
-
-def _rel(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def _randn(shape, dtype, gen):
@@ -48,7 +45,7 @@ def check_case(layout, q, k, v, *, cu_seqlens=None, heads=None, tol=REL_TOL, see
     errs = {}
     for name, got, ref in (("out", out, ref_out), *zip(("dq", "dk", "dv"), grads, ref_grads)):
         assert not torch.isnan(got).any(), f"{name} has NaN"
-        errs[name] = _rel(got, ref.detach())
+        errs[name] = rel_err(got, ref.detach())
     errs["lse_abs"] = (lse.double() - ref_lse).abs().max().item()
     bad = {n: e for n, e in errs.items() if e >= (tol if n != "lse_abs" else 0.05)}
     assert not bad, f"errors over tolerance: {bad} (all: {errs})"
@@ -166,7 +163,7 @@ def test_tensors_on_a_device_that_is_not_current():
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     assert out.device == torch.device("cuda", 1)
     for got, want in zip((out, *grads), (ref, *ref_grads)):
-        assert _rel(got.cpu(), want.detach()) < REL_TOL
+        assert rel_err(got.cpu(), want.detach()) < REL_TOL
 
 
 # --------------------------------------------------------------------- reference-library defects (s2_anchor.md)
@@ -246,7 +243,7 @@ def test_defect_chunked_prefill_matches_full():
         parts.append(triton_s2_attention(q[:, start:stop], k[:, :stop], v[:, :stop], lay, sm_scale=0.088))
         start = stop
     chunked = torch.cat(parts, dim=1)
-    assert _rel(chunked, full.double()) < REL_TOL
+    assert rel_err(chunked, full.double()) < REL_TOL
     check_case(lay, q[:, 1333:2100], k[:, :2100], v[:, :2100])
 
 
@@ -260,7 +257,7 @@ def test_defect_cached_layouts_do_not_alias():
     ob = triton_s2_attention(q, k, v, b, sm_scale=0.125)
     ra, _ = reference_attention(q.double(), k.double(), v.double(), a, sm_scale=0.125)
     rb, _ = reference_attention(q.double(), k.double(), v.double(), b, sm_scale=0.125)
-    assert _rel(oa, ra) < REL_TOL and _rel(ob, rb) < REL_TOL and _rel(oa, rb) > 0.05
+    assert rel_err(oa, ra) < REL_TOL and rel_err(ob, rb) < REL_TOL and rel_err(oa, rb) > 0.05
 
 
 def test_defect_packed_qkv_gradients():
@@ -274,7 +271,7 @@ def test_defect_packed_qkv_gradients():
     ref_in = qkv.detach().double().requires_grad_()
     ref, _ = reference_attention(ref_in[:, :, 0], ref_in[:, :, 1], ref_in[:, :, 2], lay, sm_scale=0.125)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.double())
-    assert _rel(grad, ref_grad) < REL_TOL
+    assert rel_err(grad, ref_grad) < REL_TOL
 
 
 def test_defect_single_pattern_custom_layout():
