@@ -392,6 +392,22 @@ def test_descriptor_loads_equal_pointer_loads(monkeypatch, dtype):
         assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_launch_device_and_tma_gate(monkeypatch):
+    """Triton launches on the current CUDA device, so the launchers make the tensors' device current when it is not;
+    descriptor loads are used only from compute capability 9.0 (TMA) on."""
+    import contextlib
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert isinstance(_op._current(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(_op._current(torch.device("cuda", 0)), contextlib.nullcontext)
+    guard = _op._current(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    for capability, has in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        _op._has_tma.cache_clear()
+        assert _op._has_tma(0) is has
+    _op._has_tma.cache_clear()
+
+
 def test_packed_qkv_views_get_gradients():
     """dkernel D8: q/k/v as views of one packed buffer: the packed gradient is assembled correctly."""
     qkv = torch.randn(1, 320, 3, 2, 64, generator=torch.Generator().manual_seed(15)).to(DEVICE).requires_grad_()
