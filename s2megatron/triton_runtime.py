@@ -5,6 +5,8 @@ can run a module's kernels is a property of the decorated kernel object, read he
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -18,11 +20,20 @@ def runs_triton(kernel, x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and decorated_for_interpreter(kernel))
 
 
+def on_device(device: torch.device):
+    """A context in which Triton launches on ``device``: Triton launches on the current CUDA device, so a CUDA
+    device that is not current is made current; a no-op when it already is (the usual case: one device per rank,
+    set at start-up), or on the CPU."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def launch(kernel, grid, device: torch.device, args, meta, num_warps: int) -> None:
-    """``kernel[grid](*args, **meta)`` on ``device``: on CUDA with ``num_warps`` and that device current (Triton
-    launches on the current device), on the CPU under the interpreter (which takes no launch options)."""
+    """``kernel[grid](*args, **meta)`` on ``device``: on CUDA with ``num_warps`` and that device current
+    (:func:`on_device`), on the CPU under the interpreter (which takes no launch options)."""
     if device.type == "cuda":
-        with torch.cuda.device(device):
+        with on_device(device):
             kernel[grid](*args, **meta, num_warps=num_warps)
     else:
         kernel[grid](*args, **meta)

@@ -396,10 +396,11 @@ def test_launch_device_and_tma_gate(monkeypatch):
     """Triton launches on the current CUDA device, so the launchers make the tensors' device current when it is not;
     descriptor loads are used only from compute capability 9.0 (TMA) on."""
     import contextlib
+    from s2megatron.triton_runtime import on_device
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert isinstance(_op._current(torch.device("cpu")), contextlib.nullcontext)
-    assert isinstance(_op._current(torch.device("cuda", 0)), contextlib.nullcontext)
-    guard = _op._current(torch.device("cuda", 1))
+    assert isinstance(on_device(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(on_device(torch.device("cuda", 0)), contextlib.nullcontext)
+    guard = on_device(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     for capability, has in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)

@@ -9,7 +9,6 @@ of a shape has been built (the first call builds it).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -19,7 +18,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...sparsity.layout import Layout, S2Layout
 from ...sparsity.metadata import get_metadata, tiling
-from ...triton_runtime import decorated_for_interpreter
+from ...triton_runtime import decorated_for_interpreter, on_device
 from . import config as _config
 from . import kernels as _kernels
 
@@ -185,10 +184,8 @@ def row_descriptor(x, varlen, block_rows, block_d):
     16-byte aligned, or batch entries not a whole number of token rows apart."""
     if x.element_size() != 2 or x.shape[-1] != block_d:
         return None, 0
-    if varlen:
-        (seq, heads, _), (ss, sh, _), batch, sb = x.shape, x.stride(), 1, 0
-    else:
-        (batch, seq, heads, _), (sb, ss, sh, _) = x.shape, x.stride()
+    batch, seq, heads = (1, *x.shape[:2]) if varlen else x.shape[:3]
+    sb, ss, sh = _qkv_strides(x, varlen)
     # 16-bit elements: 16-byte alignment is a multiple of 8 elements
     if ss <= 0 or ss % 8 or (heads > 1 and sh % 8) or x.data_ptr() % 16:
         return None, 0
@@ -223,14 +220,6 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _current(device: torch.device):
-    """Triton launches on the current CUDA device: make ``device`` (the tensors') current for the launches. A no-op
-    when it already is (the usual case: one device per rank, set at start-up), or on the CPU."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_heads, total_kv_heads):
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     plan = _Plan(q, k, cu_seqlens, key, max_seqlen, head_offset, total_heads, total_kv_heads)
@@ -243,7 +232,7 @@ def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_
     grid = (meta.num_tiles, plan.num_heads, plan.batch)
     k_desc, v_desc, kv_rows_b, desc = _row_descriptors(plan.tma and cfg.fwd_tma and plan.fast(cfg.block_n), (k, v),
                                                        plan.varlen, cfg.block_n, plan.block_d)
-    with _current(plan.device):
+    with on_device(plan.device):
         _kernels.s2_fwd_kernel[grid](
             q, k, v, out, lse, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last, residues,
             k_desc, v_desc,
@@ -280,7 +269,7 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
     q_desc, do_desc, q_rows_b, dkdv_desc = _row_descriptors(
         plan.tma and cfg.dkdv_tma and plan.merge_q and plan.block_size >= cfg.dkdv_block_n, (q, dout), plan.varlen,
         cfg.dkdv_block_m, plan.block_d)
-    with _current(plan.device):
+    with on_device(plan.device):
         _kernels.s2_bwd_preprocess_kernel[(triton_cdiv(rows, pre_m), plan.num_heads, 1 if plan.varlen else plan.batch)](
             out, dout, dlse if dlse is not None else delta, delta, *_qkv_strides(out, plan.varlen),
             *_qkv_strides(dout, plan.varlen), *_lse_strides(lse, plan.varlen), rows,
