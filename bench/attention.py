@@ -3,8 +3,8 @@
 Shapes: batch 1, 32 heads, head dim 128, bf16, causal; S2 layout L16V16 at block 64 (head sliding, offset 1).
 Times are medians of ``triton.testing.do_bench`` in ms; baselines run in the same process, on the same card.
 
-    python bench/attention.py [--out DIR] [--quick] [--sweep-configs [--sweep-seqs N ...] [--only-sweep]]
-                              [--skip-baselines]
+    python bench/attention.py [--out DIR] [--quick] [--skip-baselines]
+                              [--sweep-configs [--sweep-seqs N ...] [--variants JSON] [--only-sweep]]
 
 Writes ``attention_<card>.md`` (tables), ``attention_<card>.json`` (raw numbers) and ``attention_<card>.png`` (if
 matplotlib is installed) under ``--out`` (default ``$OUT`` or ``bench/results``).
@@ -153,13 +153,19 @@ def profile_split(layout, n):
     return out
 
 
-def sweep_configs(layout, seqs):
+SWEEP_VARIANTS = [
+    dict(), dict(fwd_tma=False, dq_tma=False, dkdv_tma=False),
+    dict(fwd_tma=False), dict(fwd_block_m=128, fwd_warps=8), dict(fwd_stages=2), dict(fwd_stages=4),
+    dict(dq_tma=False), dict(dq_stages=4), dict(block_m=64, dq_warps=4),
+    dict(dkdv_tma=True), dict(dkdv_stages=4), dict(dkdv_block_m=64),
+    dict(dkdv_heads_fastest_below=1 << 40), dict(dkdv_heads_fastest_below=0),  # dK/dV program order, fixed
+]
+
+
+def sweep_configs(layout, seqs, variants=None):
     """Forward / backward time of alternative tile shapes (each kernel varied alone), at each length of ``seqs``."""
     base = tile_cfg.tile_config
-    variants = [dict(), dict(fwd_tma=False, dq_tma=False, dkdv_tma=False)]
-    variants += [dict(fwd_tma=False), dict(fwd_block_m=128, fwd_warps=8), dict(fwd_stages=2), dict(fwd_stages=4)]
-    variants += [dict(dq_tma=False), dict(dq_stages=4), dict(block_m=64, dq_warps=4)]
-    variants += [dict(dkdv_tma=True), dict(dkdv_stages=4), dict(dkdv_block_m=64)]
+    variants = SWEEP_VARIANTS if variants is None else variants
     for n in seqs:
         for over in variants:
             def patched(bs, hd, mq, eb=2, gather_keys=True, _o=over):
@@ -288,6 +294,8 @@ def main():
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--only-sweep", action="store_true")
     ap.add_argument("--sweep-seqs", type=int, nargs="+", default=[8192, 32768], help="lengths of --sweep-configs")
+    ap.add_argument("--variants", type=json.loads, default=None,
+                    help="--sweep-configs variants as a JSON list of TileConfig overrides (default: SWEEP_VARIANTS)")
     ap.add_argument("--probe", action="store_true", help="one warm-up and one timed fwd+bwd at 32k (for ncu)")
     args = ap.parse_args()
     if args.probe:
@@ -302,7 +310,7 @@ def main():
     RESULTS["env"] = {"card": card, "torch": torch.__version__, "triton": triton.__version__}
     lay = S2Layout(64, 16, 16)
     if args.sweep_configs:
-        sweep_configs(lay, args.sweep_seqs)
+        sweep_configs(lay, args.sweep_seqs, args.variants)
         if args.only_sweep:
             return
     seqs = [8192, 32768] if args.quick else [8192, 32768, 131072]

@@ -109,6 +109,7 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
                              cfg.dq_warps, cfg.dq_stages, arch, cfg.dq_block_n)
     rows["dkdv"] = compile_one(kernels.s2_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg.dkdv_block_m,
                                                                 BLOCK_N=cfg.dkdv_block_n, RUN=True, ANALYTIC=analytic,
+                                                                HEADS_FASTEST=True,
                                                                 DESC=cfg.dkdv_tma and even),
                                cfg.dkdv_warps, cfg.dkdv_stages, arch, cfg.dkdv_block_m)
     return rows

@@ -392,6 +392,25 @@ def test_descriptor_loads_equal_pointer_loads(monkeypatch, dtype):
         assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_dkdv_program_order_leaves_gradients_unchanged(monkeypatch):
+    """dK/dV programs run kv head fastest for short sequences and one head's key tiles together for long ones
+    (``TileConfig.dkdv_heads_fastest_below``); each program owns its key tile, so both orders give the same
+    gradients bit for bit: two batch entries with GQA and a dense head, and a packed varlen batch."""
+    from s2megatron.ops.triton_s2 import config as tiles
+    base = tiles.tile_config
+    lay = S2Layout(64, 2, 3, num_dense_heads=1)
+    q, k, v = make_inputs((2, 520, 4, 64), (2, 520, 2, 64), torch.bfloat16, 81)
+    cu = torch.tensor([0, 130, 1040], dtype=torch.int32, device=DEVICE)
+    packed = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
+    results = []
+    for below in (0, 1 << 40):  # key tiles together everywhere, then kv head fastest everywhere
+        monkeypatch.setattr(tiles, "tile_config", lambda *a, _b=below, **kw: dataclasses.replace(
+            base(*a, **kw), dkdv_heads_fastest_below=_b))
+        results.append((*run_and_check(lay, q, k, v, seed=82), *run_and_check(lay, *packed, cu_seqlens=cu, seed=83)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert base(64, 128, True).dkdv_heads_fastest_below == 65536
+
+
 def test_launch_device_and_tma_gate(monkeypatch):
     """Triton launches on the current CUDA device, so the launchers make the tensors' device current when it is not;
     descriptor loads are used only from compute capability 9.0 (TMA) on."""

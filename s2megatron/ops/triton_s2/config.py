@@ -33,6 +33,8 @@ class TileConfig:
     fwd_tma: bool = True
     dq_tma: bool = True
     dkdv_tma: bool = False
+    # dK/dV programs in kv-head-fastest order below this many keys, one head's key tiles together from it on
+    dkdv_heads_fastest_below: int = 65536
 
 
 def block_d(head_dim: int) -> int:
@@ -59,7 +61,10 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
     below the stripe is computed for both (10.6 ms). Interior tiles through TMA descriptors (forward and dQ), with
     the query-tile grids in tile-major order (H200, fwd+bwd ms at 8k / 32k / 128k): 1.585 / 10.28 / 101.3 against
     1.654 / 10.56 / 107.1 with pointer loads; descriptors in dK/dV 1.643 / 10.97 / 101.7, so they stay off there.
-    The sweep of that version (``bench/results/logs/attention_sweep.log``) kept the other defaults."""
+    The sweep of that version (``bench/results/logs/attention_sweep.log``) kept the other defaults. dK/dV programs
+    run kv head fastest below 64k keys and one kv head's key tiles together from there (fwd+bwd ms, kv head fastest
+    against key tiles together: 8k 1.643 / 1.691, 32k 10.21 / 10.59, 128k 104.8 / 101.8;
+    ``bench/results/logs/attention_sweep_dkdv_order.log``)."""
     big = block_d(head_dim) > 128
     block_m = max(64 if big else 128, block_size) if merge_q else block_size
     fwd_block_m = max(64, block_size) if merge_q else block_size

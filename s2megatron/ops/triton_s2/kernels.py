@@ -20,7 +20,7 @@ Interior K/V tiles of the forward and dQ (and, when enabled, Q/dO chunks of dK/d
 descriptors over the token rows (``DESC``; built by ``op.row_descriptor`` where the tensors allow one), else through
 pointers. The query-tile grids are (tiles, heads, batch entries), so neighbouring tiles of one head run together and
 share its stripes in L2; dK/dV's grid puts the kv head fastest, so every head's stripe key tiles (the longest runs)
-start early.
+start early, except for long sequences, where one head's key tiles run together to share its Q and dO in L2.
 
 No atomics: dQ is owned by the program of its query tile, dK/dV by the program of its (kv head, key tile), which walks
 every query head of its GQA group in a fixed order. Two backward passes are therefore bitwise identical.
@@ -498,6 +498,7 @@ def s2_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, RUN: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr, DESC: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
     """dK/dV of one key tile of one kv head, summed over the query heads of its GQA group in order.
 
@@ -505,10 +506,17 @@ def s2_bwd_dkdv_kernel(
     contiguous range from the earliest run start to the latest run end (``col_rows`` first/last entries); a row of
     query block i reaches key block j only while i <= last(j). Otherwise (any custom layout) BLOCK_N <= BS and the
     key tile walks its block's column list, BLOCK_M <= BS rows at a time."""
-    # axis 0: (key tile, kv head) with the kv head fastest, so the heavy tiles (a head's stripes, whose runs reach
-    # the end of the sequence) of every head start early and the grid ends on short runs; axis 1: batch entry
-    kvh = tl.program_id(0) % num_kv_heads
-    k_pos0 = (tl.program_id(0) // num_kv_heads) * BLOCK_N
+    # axis 0: (key tile, kv head); axis 1: batch entry. HEADS_FASTEST: the kv head fastest, so the heavy tiles (a
+    # head's stripes, whose runs reach the end of the sequence) of every head start early and the grid ends on short
+    # runs. Otherwise the key tiles of one kv head run together and share its Q and dO in L2, which pays once the
+    # heads' Q and dO outgrow L2 (long sequences; see config.tile_config)
+    if HEADS_FASTEST:
+        kvh = tl.program_id(0) % num_kv_heads
+        k_pos0 = (tl.program_id(0) // num_kv_heads) * BLOCK_N
+    else:
+        key_tiles = (kv_len + BLOCK_N - 1) // BLOCK_N
+        kvh = tl.program_id(0) // key_tiles
+        k_pos0 = (tl.program_id(0) % key_tiles) * BLOCK_N
     b = tl.program_id(1)
     seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
     if k_pos0 >= kv_end:
