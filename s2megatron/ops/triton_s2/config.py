@@ -63,8 +63,9 @@ def tile_config(block_size: int, head_dim: int, merge_q: bool, elem_bytes: int =
     1.654 / 10.56 / 107.1 with pointer loads; descriptors in dK/dV 1.643 / 10.97 / 101.7, so they stay off there.
     The sweep of that version (``bench/results/logs/attention_sweep.log``) kept the other defaults. dK/dV programs
     run kv head fastest below 64k keys and one kv head's key tiles together from there (fwd+bwd ms, kv head fastest
-    against key tiles together: 8k 1.643 / 1.691, 32k 10.21 / 10.59, 128k 104.8 / 101.8;
-    ``bench/results/logs/attention_sweep_dkdv_order.log``)."""
+    against key tiles together: 8k 1.643 / 1.691, 32k 10.21 / 10.59, 48k 19.26 / 19.30, 64k 32.87 / 29.97,
+    96k 63.89 / 61.21, 128k 104.8 / 101.8; equal within noise from 32k to 64k; ``bench/results/logs/``
+    ``attention_sweep_dkdv_order*.log``)."""
     big = block_d(head_dim) > 128
     block_m = max(64 if big else 128, block_size) if merge_q else block_size
     fwd_block_m = max(64, block_size) if merge_q else block_size
