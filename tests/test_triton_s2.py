@@ -332,21 +332,26 @@ def test_forward_and_dq_query_tiles_independent(monkeypatch, fwd_rows, dq_rows):
     run_and_check(S2Layout(32, 2, 3), *make_inputs((1, 150, 2, 64), (1, 400, 2, 64), torch.float32, 33))
 
 
+_TILE_CONFIG = _op._config.tile_config  # the shipped tile choice, before any test patches it
+
+
+def _tiles_replaced(monkeypatch, **fields):
+    """Every call's tiles are the shipped ones with ``fields`` replaced."""
+    monkeypatch.setattr(_op._config, "tile_config",
+                        lambda *args, **kw: dataclasses.replace(_TILE_CONFIG(*args, **kw), **fields))
+
+
 def _descriptor_variants(monkeypatch, enabled):
     """Tile configs with descriptor loads switched on or off in every kernel; returns a list that records, per
     launch, whether the kernel got descriptors."""
-    from s2megatron.ops.triton_s2 import config as tiles
-    base, used, pick = tiles.tile_config, [], _op._row_descriptors
-
-    def switched(*args, **kw):
-        return dataclasses.replace(base(*args, **kw), fwd_tma=enabled, dq_tma=enabled, dkdv_tma=enabled)
+    used, pick = [], _op._row_descriptors
 
     def spy(*args):
         out = pick(*args)
         used.append(out[3])
         return out
 
-    monkeypatch.setattr(tiles, "tile_config", switched)
+    _tiles_replaced(monkeypatch, fwd_tma=enabled, dq_tma=enabled, dkdv_tma=enabled)
     monkeypatch.setattr(_op, "_row_descriptors", spy)
     return used
 
@@ -396,19 +401,16 @@ def test_dkdv_program_order_leaves_gradients_unchanged(monkeypatch):
     """dK/dV programs run kv head fastest for short sequences and one head's key tiles together for long ones
     (``TileConfig.dkdv_heads_fastest_below``); each program owns its key tile, so both orders give the same
     gradients bit for bit: two batch entries with GQA and a dense head, and a packed varlen batch."""
-    from s2megatron.ops.triton_s2 import config as tiles
-    base = tiles.tile_config
     lay = S2Layout(64, 2, 3, num_dense_heads=1)
     q, k, v = make_inputs((2, 520, 4, 64), (2, 520, 2, 64), torch.bfloat16, 81)
     cu = torch.tensor([0, 130, 1040], dtype=torch.int32, device=DEVICE)
     packed = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
     results = []
     for below in (0, 1 << 40):  # key tiles together everywhere, then kv head fastest everywhere
-        monkeypatch.setattr(tiles, "tile_config", lambda *a, _b=below, **kw: dataclasses.replace(
-            base(*a, **kw), dkdv_heads_fastest_below=_b))
+        _tiles_replaced(monkeypatch, dkdv_heads_fastest_below=below)
         results.append((*run_and_check(lay, q, k, v, seed=82), *run_and_check(lay, *packed, cu_seqlens=cu, seed=83)))
     assert all(torch.equal(a, b) for a, b in zip(*results))
-    assert base(64, 128, True).dkdv_heads_fastest_below == 65536
+    assert _TILE_CONFIG(64, 128, True).dkdv_heads_fastest_below == 65536
 
 
 def test_launch_device_and_tma_gate(monkeypatch):
