@@ -26,6 +26,14 @@ from triton.compiler import ASTSource  # noqa: E402
 from s2megatron.ops.triton_s2 import config as tile_cfg  # noqa: E402
 from s2megatron.ops.triton_s2 import kernels  # noqa: E402
 
+try:
+    from triton.experimental.gluon import language as gl  # noqa: E402
+    from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+    from s2megatron.ops.triton_s2 import hopper_fwd  # noqa: E402
+except ImportError:  # a Triton without Gluon: no Hopper forward
+    hopper_fwd = None
+
 FP32_PTRS = {"LSE", "DELTA", "DLSE"}
 INT_PTRS = {"CU_SEQLENS", "HEAD_TO_PAT", "ROW_PTR", "ROW_COLS", "ROW_LAST", "RESIDUES", "COL_PTR", "COL_ROWS"}
 FLOATS = {"qk_scale", "sm_scale"}
@@ -95,6 +103,41 @@ def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int
     return out
 
 
+def compile_hopper_forward(head_dim: int, block: int, tiles=None) -> dict:
+    """The warp-specialised Hopper forward (``hopper_fwd``), compiled for sm_90a as launched (bf16, 12 warps)."""
+    tiles = tiles or hopper_fwd.hopper_tiles(head_dim)
+    fn = hopper_fwd.s2_fwd_hopper_kernel
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
+                      VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, PINGPONG=tiles.pingpong, num_warps=4)
+    backend_attr = [["tt.divisibility", 16]]
+    sig, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_DESC"):
+            rows = 64 if name == "Q_DESC" else tiles.block_n
+            layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+            sig[name] = f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+        elif name in FP32_PTRS:
+            sig[name], attrs[(i,)] = "*fp32", backend_attr
+        elif name in INT_PTRS:
+            sig[name], attrs[(i,)] = "*i32", backend_attr
+        elif name.isupper():
+            sig[name], attrs[(i,)] = "*bf16", backend_attr
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(i,)] = backend_attr
+    compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "maxnreg": tiles.maxnreg})
+    out = ptxas_report(compiled.asm["ptx"], 90)
+    out["shared_bytes"] = compiled.metadata.shared
+    out["warps"] = compiled.metadata.num_warps
+    return out
+
+
 def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> dict:
     bd = tile_cfg.block_d(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BS=block, VARLEN=False, UPCAST=False, PREC="tf32")
@@ -112,6 +155,8 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
                                                                 HEADS_FASTEST=True,
                                                                 DESC=cfg.dkdv_tma and even),
                                cfg.dkdv_warps, cfg.dkdv_stages, arch, cfg.dkdv_block_m)
+    if arch == 90 and analytic and hopper_fwd is not None and block in (64, 128) and head_dim in (64, 128):
+        rows["fwd_hopper"] = compile_hopper_forward(head_dim, block)
     return rows
 
 

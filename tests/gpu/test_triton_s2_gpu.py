@@ -100,6 +100,31 @@ def test_sweep(case):
     _run_sweep_case(case)
 
 
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+# the layouts and head dims the Hopper forward takes (block 64/128, head dim 64/128), at lengths up to 3000
+HOPPER = [c for c in _sweep_cases(60, 11, 3000) if c["layout"].block_size in (64, 128) and c["d"] in (64, 128)][:12]
+HOPPER += [dict(id=f"{mode}-B64-L4V8-d128-h8x2-S{length}-bfloat16", layout=S2Layout(64, 4, 8, num_dense_heads=1),
+                d=128, hq=8, hkv=2, mode=mode, dtype=torch.bfloat16, length=length, seed=100 + i)
+           for i, (mode, length) in enumerate((("batch", 3001), ("varlen", 2600), ("prefix", 2900)))]
+
+
+@pytest.mark.skipif(not _sm90(), reason="the Hopper forward runs on sm_90")
+@pytest.mark.parametrize("case", HOPPER, ids=["hopper-" + c["id"] for c in HOPPER])
+def test_hopper_forward_sweep(case, monkeypatch):
+    """The warp-specialised forward at every length (S2MEGATRON_HOPPER_FWD=1), forward and the backward through its
+    out and lse, against the float64 reference; the test fails unless that kernel actually ran."""
+    from s2megatron.ops.triton_s2 import op as _op
+    launched = []
+    real = _op._hopper.hopper_forward
+    monkeypatch.setattr(_op._hopper, "hopper_forward", lambda *a: launched.append(real(*a)) or launched[-1])
+    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")
+    _run_sweep_case(case)
+    assert launched and all(launched), launched
+
+
 @pytest.mark.parametrize("case", SHORT, ids=["short-" + c["id"] for c in SHORT])
 def test_short_sweep(case):
     _run_sweep_case(case)

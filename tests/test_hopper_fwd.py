@@ -1,0 +1,113 @@
+"""The warp-specialised Hopper forward (s2megatron/ops/triton_s2/hopper_fwd.py) without a GPU: which calls take it,
+the fallback when it fails to compile, and that it compiles for sm_90a with the register and shared-memory budget it
+is launched with. Its numerics are checked on the GPU (tests/gpu/test_triton_s2_gpu.py: the float64 reference)."""
+import json
+import os
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from triton_interpret import InterpreterEnv  # noqa: E402
+
+_ENV = InterpreterEnv()  # before triton and the kernels are imported
+
+from triton.compiler.errors import CompilationError  # noqa: E402
+
+from s2megatron.ops.triton_s2 import hopper_fwd  # noqa: E402
+from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
+
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def _plan(**over):
+    fields = dict(device=torch.device("cuda", 0), kv_len=hopper_fwd.MIN_KEYS, analytic=True, block_size=64,
+                  head_dim=128)
+    fields.update(over)
+    return types.SimpleNamespace(**fields)
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    monkeypatch.delenv("S2MEGATRON_HOPPER_FWD", raising=False)
+    monkeypatch.setattr(hopper_fwd, "_is_sm90", lambda index: True)
+    monkeypatch.setattr(hopper_fwd, "_broken", [])
+
+
+def test_which_calls_take_the_hopper_forward(sm90, monkeypatch):
+    q = torch.empty(1, dtype=torch.bfloat16)
+    assert hopper_fwd.hopper_forward_tiles(_plan(), q) == hopper_fwd.hopper_tiles(128)
+    assert hopper_fwd.hopper_forward_tiles(_plan(block_size=128, head_dim=64), q.half()) is not None
+    for over in (dict(kv_len=hopper_fwd.MIN_KEYS - 1), dict(analytic=False), dict(block_size=32),
+                 dict(block_size=256), dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu"))):
+        assert hopper_fwd.hopper_forward_tiles(_plan(**over), q) is None, over
+    assert hopper_fwd.hopper_forward_tiles(_plan(), q.float()) is None
+    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")  # any length
+    assert hopper_fwd.hopper_forward_tiles(_plan(kv_len=100), q) is not None
+    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "0")
+    assert hopper_fwd.hopper_forward_tiles(_plan(), q) is None
+    monkeypatch.delenv("S2MEGATRON_HOPPER_FWD")
+    monkeypatch.setattr(hopper_fwd, "_is_sm90", lambda index: False)  # sm_80, or sm_100 (no wgmma)
+    assert hopper_fwd.hopper_forward_tiles(_plan(), q) is None
+
+
+def test_compile_failure_falls_back_to_the_triton_forward(sm90, monkeypatch):
+    """A Triton whose Gluon cannot build the kernel: one warning, nothing launched, and no further attempts."""
+    def failing_launch(*args, **kwargs):
+        raise CompilationError("k.py", None, "unsupported")
+
+    monkeypatch.setattr(hopper_fwd, "s2_fwd_hopper_kernel", {(1, 1, 1): failing_launch}, raising=True)
+    monkeypatch.setattr(hopper_fwd, "_descriptor", lambda *args: None)
+    plan = _plan(varlen=False, num_heads=1, batch=1, q_len=64, group=1, local_blocks=1, vert_stride=1,
+                 metadata=lambda rows: (types.SimpleNamespace(num_tiles=1, first_block=0, head_to_pattern=None), None))
+    q = torch.empty(1, 64, 1, 128, dtype=torch.bfloat16)
+    view = lambda x, varlen, d: ([64, 128], [128, 1], 0)  # noqa: E731
+    strides = lambda x, varlen: (0, 0, 0)  # noqa: E731
+    with pytest.warns(UserWarning, match="Hopper forward failed to compile"):
+        launched = hopper_fwd.hopper_forward(plan, hopper_fwd.hopper_tiles(128), q, q, q, q, q, None, 1.0, view,
+                                             strides, lambda lse, varlen: (0, 0))
+    assert launched is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hopper_fwd.hopper_forward_tiles(plan, q) is None
+
+
+def test_op_takes_the_triton_forward_where_the_hopper_forward_declines(monkeypatch):
+    """The launcher's contract with op._forward: a False return (no TMA row view) means the Triton kernel runs."""
+    calls = []
+    monkeypatch.setattr(_op._hopper, "hopper_forward_tiles", lambda plan, q: hopper_fwd.hopper_tiles(128))
+    monkeypatch.setattr(_op._hopper, "hopper_forward", lambda *args: calls.append(1) or False)
+    from s2megatron.ops.triton_s2 import triton_s2_attention
+    from s2megatron.sparsity import S2Layout
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=gen) for _ in range(3))
+    out = triton_s2_attention(q, k, v, S2Layout(16, 1, 2), sm_scale=0.25)
+    assert calls == [1] and torch.isfinite(out).all()
+
+
+_COMPILE = """
+import json, sys
+sys.path.insert(0, {bench!r})
+import kernel_resources
+print(json.dumps([kernel_resources.compile_hopper_forward(d, b) for d, b in ((128, 64), (64, 64), (128, 128))]))
+"""
+
+
+def test_compiles_for_sm90_within_its_budget():
+    """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
+    consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, no spills, and the ring within the
+    227 KB a CTA may use. In a fresh process: the interpreter that this test session runs under (TRITON_INTERPRET)
+    replaces the jit helpers the kernel calls."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE.format(bench=_BENCH)], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(_BENCH), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for row in rows:
+        assert row["warps"] == 12, row
+        assert row["registers"] <= hopper_fwd.hopper_tiles(128).maxnreg, row
+        assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, row
+        assert row["shared_bytes"] <= 227 * 1024, row
