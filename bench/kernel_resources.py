@@ -108,14 +108,14 @@ def compile_hopper_forward(head_dim: int, block: int, tiles=None) -> dict:
     tiles = tiles or hopper_fwd.hopper_tiles(head_dim)
     fn = hopper_fwd.s2_fwd_hopper_kernel
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
-                      VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, PINGPONG=tiles.pingpong, num_warps=4)
+                      VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, OVERLAP=tiles.overlap, num_warps=4)
     backend_attr = [["tt.divisibility", 16]]
     sig, attrs = {}, {}
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_DESC"):
-            rows = 64 if name == "Q_DESC" else tiles.block_n
+            rows = 64 if name == "Q_DESC" else min(block, tiles.block_n)
             layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
             sig[name] = f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
         elif name in FP32_PTRS:

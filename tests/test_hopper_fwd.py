@@ -19,15 +19,20 @@ from triton.compiler.errors import CompilationError  # noqa: E402
 
 from s2megatron.ops.triton_s2 import hopper_fwd  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
+from s2megatron.sparsity import S2Layout, get_metadata  # noqa: E402
 
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 def _plan(**over):
-    fields = dict(device=torch.device("cuda", 0), kv_len=hopper_fwd.MIN_KEYS, analytic=True, block_size=64,
-                  head_dim=128)
+    fields = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=32768, num_heads=32,
+                  analytic=True, block_size=64, head_dim=128)
     fields.update(over)
-    return types.SimpleNamespace(**fields)
+    plan = types.SimpleNamespace(**fields)
+    if "metadata" not in over:
+        patterns = plan.layout.head_patterns(plan.layout.resolve(plan.num_heads))
+        plan.metadata = lambda rows: (types.SimpleNamespace(patterns=patterns), None)
+    return plan
 
 
 @pytest.fixture
@@ -41,7 +46,8 @@ def test_which_calls_take_the_hopper_forward(sm90, monkeypatch):
     q = torch.empty(1, dtype=torch.bfloat16)
     assert hopper_fwd.hopper_forward_tiles(_plan(), q) == hopper_fwd.hopper_tiles(128)
     assert hopper_fwd.hopper_forward_tiles(_plan(block_size=128, head_dim=64), q.half()) is not None
-    for over in (dict(kv_len=hopper_fwd.MIN_KEYS - 1), dict(analytic=False), dict(block_size=32),
+    assert hopper_fwd.hopper_forward_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=8192), q) is not None  # dense
+    for over in (dict(kv_len=8192), dict(analytic=False), dict(block_size=32),
                  dict(block_size=256), dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu"))):
         assert hopper_fwd.hopper_forward_tiles(_plan(**over), q) is None, over
     assert hopper_fwd.hopper_forward_tiles(_plan(), q.float()) is None
@@ -52,6 +58,17 @@ def test_which_calls_take_the_hopper_forward(sm90, monkeypatch):
     monkeypatch.delenv("S2MEGATRON_HOPPER_FWD")
     monkeypatch.setattr(hopper_fwd, "_is_sm90", lambda index: False)  # sm_80, or sm_100 (no wgmma)
     assert hopper_fwd.hopper_forward_tiles(_plan(), q) is None
+
+
+@pytest.mark.parametrize("layout,kv_len,heads", [
+    (S2Layout(64, 16, 16), 8192, 32), (S2Layout(64, 16, 16), 32768 + 100, 8), (S2Layout(64, 1, 1), 4000, 4),
+    (S2Layout(128, 8, 8, num_dense_heads=2), 20000, 8), (S2Layout(64, 4, 3, num_dense_heads=1), 1000, 3)])
+def test_row_keys_is_the_last_rows_kept_keys(layout, kv_len, heads):
+    """The policy's row length equals the kept keys of the last query block in the metadata, averaged over heads."""
+    meta = get_metadata(layout, heads, kv_len, kv_len, device="cpu", rows_per_tile=1)
+    kept = [int(meta.row_ptr[p, -1] - meta.row_ptr[p, -2]) for p in meta.head_to_pattern.tolist()]
+    patterns = layout.head_patterns(layout.resolve(heads))
+    assert hopper_fwd.row_keys(patterns, layout, kv_len) == pytest.approx(layout.block_size * sum(kept) / heads)
 
 
 def test_compile_failure_falls_back_to_the_triton_forward(sm90, monkeypatch):

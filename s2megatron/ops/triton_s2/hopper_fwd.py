@@ -9,23 +9,27 @@ does it by hand, one CTA per 128-row query tile:
   into a ring of ``STAGES`` shared-memory slots (``ready`` barriers), each slot once both consumers have released
   it (``empty`` barriers);
 - two consumer warpgroups (64 query rows each, 240 registers per thread) walk the same key tiles. Per tile they
-  issue S(t+1) = Q K(t+1)^T and O += P(t) V(t) together (P from registers), wait for both, release slot t, then
-  run the softmax of S(t+1) and rescale O, while the other warpgroup's products run. Optionally (``PINGPONG``)
-  they take turns issuing products; measured slower, so off.
+  issue S(t+1) = Q K(t+1)^T and O += P(t) V(t) together (P from registers), run the softmax of S(t+1), rescale O
+  and release slot t; the warp scheduler runs one warpgroup's softmax while the other's products occupy the tensor
+  cores. ``OVERLAP`` starts the softmax as soon as S(t+1) is done, while P(t) V(t) still runs.
 
-Waiting for P(t) V(t) before the next softmax is deliberate: with it still running, ptxas serialises every wgmma of
-the loop (C7514: the softmax would read registers of a running group).
+Key tiles are 128 keys: two 64-key layout blocks of the walk gathered into one ring slot (two TMA copies each for K
+and V; a second block past the walk repeats the first, masked), or one 128-key block. Larger tiles halve the
+barrier round trips and the per-row reductions per key.
 
-The key tiles and masks are the Triton forward's, from the same helpers (``_row_walk``, ``_fast_split``): the
-interior tiles of the S2 row walk (stripes, then the local blocks every row keeps) unmasked, then the first local
+Explicit turns for the two consumers' products (FA3's ping-pong, through mbarriers) measured slower, so the
+scheduler interleaves them freely (measurements: ``bench/results/attention_NOTES.md``).
+
+The row walk and masks are the Triton forward's, from the same helpers (``_row_walk``, ``_fast_split``): the
+interior blocks of the S2 row walk (stripes, then the local blocks every row keeps) unmasked, then the first local
 blocks and the diagonal with the causal and per-row (Merge-Q) mask. Rows of a key tile past the sequence are rows of
 the same tensor (the next sequence or batch entry) or TMA zero fill past its end; the causal mask removes them, and
 query rows outside the sequence are never stored.
 
 Scope (:func:`hopper_forward_tiles`): an S2Layout of block 64 or 128, head dim 64 or 128, bf16/fp16, an sm_90 GPU,
-tensors a TMA descriptor can read, and at least ``MIN_KEYS`` keys (below that the Triton forward measured faster).
-Everything else takes the Triton forward, as does every call when the kernel fails to compile (another Triton
-version: Gluon is experimental), with one warning.
+tensors a TMA descriptor can read, and rows of at least ``MIN_ROW_KEYS`` kept keys (shorter rows: the Triton forward
+measured faster). Everything else takes the Triton forward, as does every call once the kernel failed to compile
+(another Triton version: Gluon is experimental), with one warning.
 """
 from __future__ import annotations
 
@@ -46,10 +50,10 @@ from .kernels import _LN2, _fast_split, _row_walk, _seq_bounds
 
 
 @gluon.jit
-def _key_block(t, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, SUBS: gl.constexpr):
-    """Key block of key tile ``t`` in the kernel's order: the interior entries (``w1`` stripes ``w0 + e * V``,
-    then local blocks from ``mid_start``), the first ``m1`` local blocks (from ``w2``), the diagonal (from ``w3``)."""
-    e = t // SUBS
+def _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride):
+    """Key block of walk entry ``e`` (scalar or vector) in the kernel's order: the interior entries (``w1`` stripes
+    ``w0 + e * V``, then local blocks from ``mid_start``), the first ``m1`` local blocks (from ``w2``), the diagonal
+    blocks (from ``w3``)."""
     em = e - n_in_e
     j_in = gl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
     j_masked = gl.where(em < m1, w2 + em, w3 + em - m1)
@@ -57,29 +61,54 @@ def _key_block(t, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, SUBS: gl.c
 
 
 @gluon.jit
-def _issue_kv(t, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col,
+def _tile_part(t, g, n_ent, BS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(walk entry, key offset in its block) of part ``g`` of key tile ``t``: a key tile gathers ``BLOCK_N // BS``
+    whole blocks (block smaller than the tile; a part past the walk repeats part 0, whose keys the mask then drops)
+    or is a ``BLOCK_N`` slice of one block."""
+    if BS < BLOCK_N:
+        e = t * (BLOCK_N // BS) + g
+        return gl.where(e < n_ent, e, t * (BLOCK_N // BS)), 0
+    else:
+        return t // (BS // BLOCK_N), (t % (BS // BLOCK_N)) * BLOCK_N
+
+
+@gluon.jit
+def _issue_kv(t, n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col,
               K_DESC, V_DESC, k_smem, v_smem, ready,
-              BS: gl.constexpr, BLOCK_N: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copies of K and V of key tile ``t`` into ring slot ``t % STAGES`` (nothing when ``t >= n_all``)."""
+              BS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copies of K and V of key tile ``t`` into ring slot ``t % STAGES``, one copy per part (the descriptors'
+    block is a part: ``min(BS, BLOCK_N)`` rows); nothing when ``t >= n_all``."""
+    PART: gl.constexpr = K_DESC.block_type.shape[0]
     slot = t % STAGES
-    j = _key_block(t, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, SUBS)
-    row = (kv_row0 + j * BS + (t % SUBS) * BLOCK_N).to(gl.int32)
     pred = t < n_all
     bar = ready.index(slot)
-    mbarrier.expect(bar, K_DESC.block_type.nbytes + V_DESC.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(K_DESC, [row, k_col], bar, k_smem.index(slot), pred=pred)
-    tma.async_copy_global_to_shared(V_DESC, [row, v_col], bar, v_smem.index(slot), pred=pred)
+    mbarrier.expect(bar, (BLOCK_N // PART) * (K_DESC.block_type.nbytes + V_DESC.block_type.nbytes), pred=pred)
+    for g in gl.static_range(BLOCK_N // PART):
+        e, off = _tile_part(t, g, n_ent, BS, BLOCK_N)
+        row = (kv_row0 + _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride) * BS + off)
+        row = row.to(gl.int32)
+        tma.async_copy_global_to_shared(K_DESC, [row, k_col], bar, k_smem.index(slot).slice(g * PART, PART),
+                                        pred=pred)
+        tma.async_copy_global_to_shared(V_DESC, [row, v_col], bar, v_smem.index(slot).slice(g * PART, PART),
+                                        pred=pred)
 
 
 @gluon.jit
 def _masked_scores(s, t, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
-                   BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, SUBS: gl.constexpr,
-                   s_layout: gl.constexpr):
-    """Scores of key tile ``t`` with the causal and per-row (Merge-Q) mask applied (a no-op on interior tiles)."""
-    j = _key_block(t, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, SUBS)
-    k_pos = j * BS + (t % SUBS) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                   BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Scores of key tile ``t`` with the causal and the per-row (Merge-Q) mask applied (a no-op on interior tiles).
+    A part past the walk (its smem holds a repeat of part 0) has entries from ``n_ent`` on, whose blocks lie after
+    the tile's diagonal blocks: the causal mask drops them for every query row that is stored."""
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    if BS < BLOCK_N:
+        e = t * (BLOCK_N // BS) + cols // BS
+        off = cols % BS
+    else:
+        e = t // (BS // BLOCK_N) + cols * 0
+        off = (t % (BS // BLOCK_N)) * BLOCK_N + cols
+    j = _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride)
     rl = gl.where((j % vert_stride) == w0, ROWS - 1, gl.minimum(j + width - 1 - w3, ROWS - 1))
-    allowed = (k_pos[None, :] <= q_pos[:, None]) & (sub_row[:, None] <= rl)
+    allowed = ((j * BS + off)[None, :] <= q_pos[:, None]) & (sub_row[:, None] <= rl[None, :])
     return gl.where(allowed, s, float("-inf"))
 
 
@@ -94,91 +123,78 @@ def _online_softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
-def _pingpong_step(t, n_all, p, acc, m_i, l_i, k, q, k_smem, v_smem, ready, empty, my_turn, other_turn,
-                   qk_scale, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
-                   MASK_NEXT: gl.constexpr, HAS_NEXT: gl.constexpr, PINGPONG: gl.constexpr,
-                   BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, SUBS: gl.constexpr,
+def _consumer_step(t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale,
+                   n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
+                   MASK_NEXT: gl.constexpr, HAS_NEXT: gl.constexpr, OVERLAP: gl.constexpr,
+                   BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
-    """GEMM phase ``k`` of this warpgroup, on its turn: issue S(t+1) = Q K(t+1)^T and O += P(t) V(t), pass the turn
-    to the other warpgroup, wait for both, release slot t; then (softmax phase, while the other warpgroup's GEMMs
-    run) the softmax of S(t+1) and the rescale of O."""
+    """Key tile ``t`` of one consumer warpgroup: issue S(t+1) = Q K(t+1)^T and O += P(t) V(t) (P from registers),
+    run the softmax of S(t+1), rescale O and release slot t (K(t) was read by S(t), V(t) by P(t) V(t)). OVERLAP:
+    the softmax starts as soon as S(t+1) is done, while P(t) V(t) still runs; otherwise it waits for both."""
     if HAS_NEXT:
         mbarrier.wait(ready.index((t + 1) % STAGES), ((t + 1) // STAGES) & 1)
-    if PINGPONG:
-        mbarrier.wait(my_turn, k & 1)
-    if HAS_NEXT:
         s_tok = warpgroup_mma(q, k_smem.index((t + 1) % STAGES).permute((1, 0)),
                               gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
     acc_tok = warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), p_layout), v_smem.index(t % STAGES), acc,
                             is_async=True)
-    if PINGPONG:
-        mbarrier.arrive(other_turn, count=1)
     if HAS_NEXT:
-        s, acc = warpgroup_mma_wait(0, deps=(s_tok, acc_tok))
-    else:
-        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-    mbarrier.arrive(empty.index(t % STAGES), count=1)  # K(t) was read by S(t), V(t) by P(t) V(t)
-    if HAS_NEXT:
+        if OVERLAP:
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        else:
+            s, acc_tok = warpgroup_mma_wait(0, deps=(s_tok, acc_tok))
         if MASK_NEXT:
             s = _masked_scores(s, t + 1, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
-                               BS, ROWS, BLOCK_N, SUBS, s_layout)
+                               BS, ROWS, BLOCK_N, s_layout)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-    return p, acc, m_i, l_i, k + 1
+    else:
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+    mbarrier.arrive(empty.index(t % STAGES), count=1)
+    return p, acc, m_i, l_i
 
 
 @gluon.jit
 def _ws_consume(wg: gl.constexpr, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                q_smem, k_smem, v_smem, ready, empty, q_bar, turns, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
+                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
                 stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
-                ROWS: gl.constexpr, SUBS: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer warpgroup ``wg``: rows ``64 wg .. 64 wg + 63`` of the query tile, every key tile of the walk. The
-    two consumers take turns issuing their matrix products (``turns``: warpgroup ``wg`` waits on ``turns[wg]`` and
-    passes to the other), so one's softmax runs while the other's products occupy the tensor cores."""
+                ROWS: gl.constexpr, OVERLAP: gl.constexpr):
+    """Consumer warpgroup ``wg``: rows ``64 wg .. 64 wg + 63`` of the query tile, every key tile of the walk."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     q = q_smem.index(wg)
-    my_turn = turns.index(wg)
-    other_turn = turns.index(1 - wg)
     rows = wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
     q_pos = tile_pos0 + rows
     sub_row = rows // BS
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
-    # turn parity: warpgroup 0 moves first (a fresh barrier passes a wait on parity 1)
-    k = 1 - wg
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(ready.index(0), 0)
-    if PINGPONG:
-        mbarrier.wait(my_turn, k & 1)
     s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), gl.zeros([64, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
-    if PINGPONG:
-        mbarrier.arrive(other_turn, count=1)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    k += 1
     s = _masked_scores(s, 0, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
-                       BS, ROWS, BLOCK_N, SUBS, s_layout)
-    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+                       BS, ROWS, BLOCK_N, s_layout)
+    p, _, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)  # O is still zero: no rescale
     for t in range(0, n_in - 1):  # the next tile is interior: no mask
-        p, acc, m_i, l_i, k = _pingpong_step(
-            t, n_all, p, acc, m_i, l_i, k, q, k_smem, v_smem, ready, empty, my_turn, other_turn, qk_scale,
-            n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row, False, True, PINGPONG,
-            BS, ROWS, BLOCK_N, SUBS, STAGES, s_layout, p_layout)
+        p, acc, m_i, l_i = _consumer_step(
+            t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
+            mid_start, width, vert_stride, q_pos, sub_row, False, True, OVERLAP, BS, ROWS, BLOCK_N, STAGES,
+            s_layout, p_layout)
     for t in range(gl.maximum(n_in - 1, 0), n_all - 1):
-        p, acc, m_i, l_i, k = _pingpong_step(
-            t, n_all, p, acc, m_i, l_i, k, q, k_smem, v_smem, ready, empty, my_turn, other_turn, qk_scale,
-            n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row, True, True, PINGPONG,
-            BS, ROWS, BLOCK_N, SUBS, STAGES, s_layout, p_layout)
-    p, acc, m_i, l_i, k = _pingpong_step(
-        n_all - 1, n_all, p, acc, m_i, l_i, k, q, k_smem, v_smem, ready, empty, my_turn, other_turn, qk_scale,
-        n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row, True, False, PINGPONG,
-        BS, ROWS, BLOCK_N, SUBS, STAGES, s_layout, p_layout)
+        p, acc, m_i, l_i = _consumer_step(
+            t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
+            mid_start, width, vert_stride, q_pos, sub_row, True, True, OVERLAP, BS, ROWS, BLOCK_N, STAGES,
+            s_layout, p_layout)
+    p, acc, m_i, l_i = _consumer_step(
+        n_all - 1, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
+        mid_start, width, vert_stride, q_pos, sub_row, True, False, OVERLAP, BS, ROWS, BLOCK_N, STAGES,
+        s_layout, p_layout)
 
     empty_row = l_i == 0.0
     lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(gl.where(empty_row, 1.0, l_i))) * _LN2)
@@ -197,32 +213,32 @@ def _ws_consume(wg: gl.constexpr, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_s
 
 @gluon.jit
 def _ws_consume_wg0(n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                    q_smem, k_smem, v_smem, ready, empty, q_bar, turns, O, LSE, b, h, tile_pos0, seq_start, kv_end,
+                    q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end,
                     past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
-                    ROWS: gl.constexpr, SUBS: gl.constexpr, PINGPONG: gl.constexpr):
+                    ROWS: gl.constexpr, OVERLAP: gl.constexpr):
     _ws_consume(0, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                q_smem, k_smem, v_smem, ready, empty, q_bar, turns, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
+                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
                 stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS,
-                ROWS, SUBS, PINGPONG)
+                ROWS, OVERLAP)
 
 
 @gluon.jit
 def _ws_consume_wg1(n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                    q_smem, k_smem, v_smem, ready, empty, q_bar, turns, O, LSE, b, h, tile_pos0, seq_start, kv_end,
+                    q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end,
                     past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
-                    ROWS: gl.constexpr, SUBS: gl.constexpr, PINGPONG: gl.constexpr):
+                    ROWS: gl.constexpr, OVERLAP: gl.constexpr):
     _ws_consume(1, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                q_smem, k_smem, v_smem, ready, empty, q_bar, turns, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
+                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
                 stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS,
-                ROWS, SUBS, PINGPONG)
+                ROWS, OVERLAP)
 
 
 @gluon.jit
-def _ws_load(n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col, q_row0, q_col,
+def _ws_load(n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col, q_row0, q_col,
              Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar,
-             BS: gl.constexpr, BLOCK_N: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr):
+             BS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Producer warp: both 64-row halves of the query tile, then the key tiles of the walk into the ring, each
     once both consumers have released its slot (``empty``; a fresh barrier passes the first wait)."""
     mbarrier.expect(q_bar, 2 * Q_DESC.block_type.nbytes)
@@ -230,8 +246,8 @@ def _ws_load(n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0,
     tma.async_copy_global_to_shared(Q_DESC, [(q_row0 + 64).to(gl.int32), q_col], q_bar, q_smem.index(1))
     for t in range(0, n_all):
         mbarrier.wait(empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
-        _issue_kv(t, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col,
-                  K_DESC, V_DESC, k_smem, v_smem, ready, BS, BLOCK_N, SUBS, STAGES)
+        _issue_kv(t, n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col,
+                  K_DESC, V_DESC, k_smem, v_smem, ready, BS, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -240,13 +256,12 @@ def s2_fwd_hopper_kernel(
     stride_qh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     qk_scale, q_len, kv_len, num_tiles, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
-    STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
+    STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """Warp-specialised form: a producer warp streams Q and the K/V ring with TMA, two consumer warpgroups (64
     query rows each) run the matrix products and the softmax; the warp scheduler interleaves the two."""
     ROWS: gl.constexpr = BLOCK_M // BS
-    SUBS: gl.constexpr = BS // BLOCK_N
     gl.static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows")
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
     tile = num_tiles - 1 - gl.program_id(0)
@@ -259,8 +274,12 @@ def s2_fwd_hopper_kernel(
         n_ent, w0, w1, w2, w3, width = _row_walk(RESIDUES, RESIDUES, gl.load(HEAD_TO_PAT + h), tile, num_tiles,
                                                  first_block, kv_end, local_blocks, vert_stride, BS, ROWS, True)
         n_in_e, mid_start, m1, n_diag = _fast_split(n_ent, w0, w1, w2, w3, width, ROWS)
-        n_in = n_in_e * SUBS
-        n_all = (n_in_e + m1 + n_diag) * SUBS
+        if BS < BLOCK_N:  # key tiles of BLOCK_N // BS whole blocks; one mixing interior and masked entries is masked
+            n_in = n_in_e // (BLOCK_N // BS)
+            n_all = (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS)
+        else:
+            n_in = n_in_e * (BS // BLOCK_N)
+            n_all = n_ent * (BS // BLOCK_N)
         kv_row0 = b * kv_rows_b + seq_start
         q_row0 = b * q_rows_b + seq_start + tile_pos0 - past
         dtype: gl.constexpr = Q_DESC.dtype
@@ -270,32 +289,27 @@ def s2_fwd_hopper_kernel(
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        for i in gl.static_range(2):
-            mbarrier.init(turns.index(i), count=1)
         mbarrier.init(q_bar, count=1)
         gl.warp_specialize([
             (_ws_consume_wg0, (n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                               q_smem, k_smem, v_smem, ready, empty, q_bar, turns, O, LSE, b, h, tile_pos0,
+                               q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0,
                                seq_start, kv_end, past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, SUBS, PINGPONG)),
+                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, OVERLAP)),
             (_ws_consume_wg1, (n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                               q_smem, k_smem, v_smem, ready, empty, q_bar, turns, O, LSE, b, h, tile_pos0,
+                               q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0,
                                seq_start, kv_end, past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, SUBS, PINGPONG)),
-            (_ws_load, (n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, kvh * stride_kh,
+                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, OVERLAP)),
+            (_ws_load, (n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, kvh * stride_kh,
                         kvh * stride_vh, q_row0, h * stride_qh, Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem,
-                        ready, empty, q_bar, BS, BLOCK_N, SUBS, STAGES)),
+                        ready, empty, q_bar, BS, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
         mbarrier.invalidate(q_bar)
-        for i in gl.static_range(2):
-            mbarrier.invalidate(turns.index(i))
 
 
 @dataclass(frozen=True)
@@ -304,8 +318,8 @@ class HopperTiles:
     consumer_regs: int = 240  # registers per thread of each consumer warpgroup (the producer warp keeps 24)
     maxnreg: int = 168     # launch limit: 12 warps x 168 registers fill the register file, then redistributed
     block_m: int = 128     # two consumer warpgroups of 64 query rows
-    block_n: int = 64      # key tile (the layout block is a whole number of them)
-    pingpong: bool = False  # consumers take turns issuing their matrix products (measured slower)
+    block_n: int = 128     # key tile: two 64-key blocks gathered, or one 128-key block
+    overlap: bool = False  # softmax of S(t+1) while P(t) V(t) runs (see _consumer_step)
 
 
 @lru_cache(maxsize=None)
@@ -313,31 +327,52 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-# below this many keys the Triton forward measured faster (H200, L16V16, head dim 128: 0.95x at 8k, 1.02x at 16k;
-# bench/results/hopper_forward_H200.md); S2MEGATRON_HOPPER_FWD=1 takes this kernel at any length, =0 never
-MIN_KEYS = 16384
+# the Triton forward measured faster where the rows are short (H200, head dim 128): L16V16 at 8k (23 kept blocks of
+# 64 in the last row, 0.95x) and equal at 16k (31 blocks, 1.02x); from 32k (47 blocks) 1.10-1.19x, dense 8k 1.18x
+# (bench/results/hopper_forward_H200.md). S2MEGATRON_HOPPER_FWD=1 takes this kernel for every call it can run, =0 never
+MIN_ROW_KEYS = 2048
 _broken: list = []  # the compile error, once the kernel failed to build in this process
 
 
 def hopper_tiles(head_dim: int) -> HopperTiles:
-    """Four K/V slots (128 KB at head dim 128, with the 32 KB query tile: one CTA per SM)."""
-    return HopperTiles(stages=4)
+    """Three K/V slots of 128 keys (192 KB at head dim 128, with the 32 KB query tile: one CTA per SM).
+
+    Measured on an H200 (L16V16, block 64, head dim 128; ms at 8k / 32k / 128k, Triton forward 0.355 / 2.368 /
+    22.66 in the same process): 128-key tiles, 3 slots 0.384 / 2.254 / 19.93; the same with ``overlap`` 0.383 /
+    2.239 / 19.82 (equal within noise, and 52 bytes of spills); 128-key tiles with 2 slots 0.420 / 2.587 / 22.62;
+    64-key tiles, 4 slots, ``overlap`` 0.373 / 2.315 / 20.68 (without ``overlap`` 3-7 % slower in another call)."""
+    return HopperTiles(stages=3)
+
+
+def row_keys(patterns, layout, kv_len: int) -> float:
+    """Kept keys of the last query row, averaged over the heads (``patterns``: the layout's StridePatterns for the
+    call's heads): the ``L`` local blocks and the stripes below them, or every block for a dense head. The longest
+    row walk of the call: the kernel pays its per-tile overhead once per walk."""
+    blocks = -(-kv_len // layout.block_size)
+    local = min(layout.local_blocks, blocks)
+    start = blocks - local  # first local block of the last row
+    kept = []
+    for pat in patterns.head_to_pattern:
+        r = patterns.residues[pat]
+        kept.append(blocks if r < 0 else local + (0 if start <= r else (start - 1 - r) // layout.vert_stride + 1))
+    return layout.block_size * sum(kept) / len(kept)
 
 
 def hopper_forward_tiles(plan, q) -> Optional[HopperTiles]:
     """The tiles of this kernel for the call, or None where the Triton forward runs instead: not an S2Layout with
-    block 64 or 128, head dim not 64 or 128, not 16-bit, not an sm_90 GPU, fewer than ``MIN_KEYS`` keys, the kernel
-    failed to compile earlier, or ``S2MEGATRON_HOPPER_FWD=0``."""
+    block 64 or 128, head dim not 64 or 128, not 16-bit, not an sm_90 GPU, rows shorter than ``MIN_ROW_KEYS`` kept
+    keys (:func:`row_keys`), the kernel failed to compile earlier, or ``S2MEGATRON_HOPPER_FWD=0``."""
     mode = os.environ.get("S2MEGATRON_HOPPER_FWD", "auto")
     if mode == "0" or _broken:
-        return None
-    if mode != "1" and plan.kv_len < MIN_KEYS:
         return None
     if plan.device.type != "cuda" or not _is_sm90(plan.device.index):
         return None
     if not plan.analytic or plan.block_size not in (64, 128) or plan.head_dim not in (64, 128):
         return None
     if q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    patterns = plan.metadata(HopperTiles.block_m)[0].patterns  # cached per shape
+    if mode != "1" and row_keys(patterns, plan.layout, plan.kv_len) < MIN_ROW_KEYS:
         return None
     return hopper_tiles(plan.head_dim)
 
@@ -358,7 +393,8 @@ def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale, ro
         return False
     meta, residues = plan.metadata(tiles.block_m)
     q_desc = _descriptor(q, views[0], 64, plan.head_dim)
-    k_desc, v_desc = (_descriptor(x, view, tiles.block_n, plan.head_dim) for x, view in zip((k, v), views[1:]))
+    part = min(plan.block_size, tiles.block_n)  # one TMA copy: a whole block, or a key tile of one block
+    k_desc, v_desc = (_descriptor(x, view, part, plan.head_dim) for x, view in zip((k, v), views[1:]))
     (_, _, sqh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, k, v))
     sob, sos, soh = qkv_strides(out, plan.varlen)
     grid = (meta.num_tiles, plan.num_heads, plan.batch)
@@ -368,7 +404,7 @@ def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale, ro
             *lse_strides(lse, plan.varlen), qk_scale, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
             plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[1][2],
             HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
-            STAGES=tiles.stages, VARLEN=plan.varlen, CONSUMER_REGS=tiles.consumer_regs, PINGPONG=tiles.pingpong,
+            STAGES=tiles.stages, VARLEN=plan.varlen, CONSUMER_REGS=tiles.consumer_regs, OVERLAP=tiles.overlap,
             num_warps=4, maxnreg=tiles.maxnreg)
     except CompilationError as err:  # another Triton version: the Triton forward from now on
         _broken.append(err)

@@ -87,6 +87,7 @@ class _AnalyticMeta:
     num_key_blocks: int
     head_to_pattern: torch.Tensor
     residues: torch.Tensor
+    patterns: object  # the layout's StridePatterns (host tuples of the same residues and head mapping)
 
     @property
     def row_ptr(self):
@@ -104,7 +105,7 @@ def _analytic_meta(layout: S2Layout, num_heads, num_kv_heads, head_offset, total
     return _AnalyticMeta(
         first_block=first, last_block=last, num_tiles=num_tiles, num_key_blocks=num_key_blocks,
         head_to_pattern=torch.tensor(patterns.head_to_pattern, dtype=torch.int32, device=device),
-        residues=torch.tensor(patterns.residues, dtype=torch.int32, device=device))
+        residues=torch.tensor(patterns.residues, dtype=torch.int32, device=device), patterns=patterns)
 
 
 class _Plan:
@@ -147,6 +148,10 @@ class _Plan:
             self.local_blocks, self.vert_stride = 1, 1
         self.upcast = decorated_for_interpreter(_kernels.s2_fwd_kernel) and q.dtype != torch.float32
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
 
     def metadata(self, block_m: int):
         """The metadata of query tiles of ``block_m`` tokens (the forward's and dQ's tiles may differ) and the
