@@ -40,9 +40,9 @@ FLOATS = {"qk_scale", "sm_scale"}
 SMEM_PER_SM_KB = {80: 164, 86: 100, 87: 164, 89: 100, 90: 228, 100: 228, 103: 228, 120: 100}  # per SM, for CTAs
 
 
-def _signature(fn, constexprs: dict, desc_rows: int):
+def _signature(fn, constexprs: dict, desc_type):
     """(signature, attrs) of a launch with bf16 tensors; strides and pointers get the divisible-by-16 attribute;
-    the ``*_DESC`` tensor descriptors have ``desc_rows`` x BLOCK_D blocks (None unless ``constexprs['DESC']``)."""
+    ``desc_type(name)`` is the type of tensor descriptor ``name`` (``*_DESC``), or None for a None argument."""
     params = list(inspect.signature(fn.fn).parameters)
     backend_attr = [["tt.divisibility", 16]]
     sig, attrs = {}, {}
@@ -50,9 +50,8 @@ def _signature(fn, constexprs: dict, desc_rows: int):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_DESC"):
-            if constexprs["DESC"]:
-                sig[name] = f"tensordesc<bf16[{desc_rows},{constexprs['BLOCK_D']}]>"
-            else:
+            sig[name] = desc_type(name)
+            if sig[name] is None:
                 sig[name], constexprs[name] = "constexpr", None
         elif name in FP32_PTRS:
             sig[name], attrs[(i,)] = "*fp32", backend_attr
@@ -89,7 +88,8 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 
 def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int, desc_rows: int) -> dict:
     constexprs = dict(constexprs)
-    sig, attrs = _signature(fn, constexprs, desc_rows)
+    desc = f"tensordesc<bf16[{desc_rows},{constexprs['BLOCK_D']}]>" if constexprs["DESC"] else None
+    sig, attrs = _signature(fn, constexprs, lambda name: desc)
     src = ASTSource(fn, sig, constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -109,27 +109,13 @@ def compile_hopper_forward(head_dim: int, block: int, tiles=None) -> dict:
     fn = hopper_fwd.s2_fwd_hopper_kernel
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
                       VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, OVERLAP=tiles.overlap, num_warps=4)
-    backend_attr = [["tt.divisibility", 16]]
-    sig, attrs = {}, {}
-    for i, name in enumerate(inspect.signature(fn.fn).parameters):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_DESC"):
-            rows = 64 if name == "Q_DESC" else min(block, tiles.block_n)
-            layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
-            sig[name] = f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
-        elif name in FP32_PTRS:
-            sig[name], attrs[(i,)] = "*fp32", backend_attr
-        elif name in INT_PTRS:
-            sig[name], attrs[(i,)] = "*i32", backend_attr
-        elif name.isupper():
-            sig[name], attrs[(i,)] = "*bf16", backend_attr
-        elif name in FLOATS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name.startswith("stride_"):
-                attrs[(i,)] = backend_attr
+
+    def desc_type(name):
+        rows = 64 if name == "Q_DESC" else min(block, tiles.block_n)
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+
+    sig, attrs = _signature(fn, constexprs, desc_type)
     compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4, "maxnreg": tiles.maxnreg})
     out = ptxas_report(compiled.asm["ptx"], 90)

@@ -212,30 +212,6 @@ def _ws_consume(wg: gl.constexpr, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_s
 
 
 @gluon.jit
-def _ws_consume_wg0(n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                    q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end,
-                    past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
-                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
-                    ROWS: gl.constexpr, OVERLAP: gl.constexpr):
-    _ws_consume(0, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
-                stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS,
-                ROWS, OVERLAP)
-
-
-@gluon.jit
-def _ws_consume_wg1(n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                    q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end,
-                    past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
-                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
-                    ROWS: gl.constexpr, OVERLAP: gl.constexpr):
-    _ws_consume(1, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
-                stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS,
-                ROWS, OVERLAP)
-
-
-@gluon.jit
 def _ws_load(n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col, q_row0, q_col,
              Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar,
              BS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -294,11 +270,11 @@ def s2_fwd_hopper_kernel(
             mbarrier.init(empty.index(i), count=2)
         mbarrier.init(q_bar, count=1)
         gl.warp_specialize([
-            (_ws_consume_wg0, (n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
+            (_ws_consume, (0, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
                                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0,
                                seq_start, kv_end, past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                                qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, OVERLAP)),
-            (_ws_consume_wg1, (n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
+            (_ws_consume, (1, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
                                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0,
                                seq_start, kv_end, past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                                qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, OVERLAP)),
