@@ -11,15 +11,19 @@ import warnings
 import pytest
 import torch
 
-from triton_interpret import InterpreterEnv  # noqa: E402
+from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
 from triton.compiler.errors import CompilationError  # noqa: E402
 
 from s2megatron.ops.triton_s2 import hopper_fwd  # noqa: E402
+from s2megatron.ops.triton_s2 import kernels as _kernels  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.sparsity import S2Layout, get_metadata  # noqa: E402
+
+_kernels = interpreted(_kernels, "s2_fwd_kernel")  # the CPU test of the op runs the Triton kernels
+_interpreter_env = _ENV.fixture()
 
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
@@ -128,3 +132,6 @@ def test_compiles_for_sm90_within_its_budget():
         assert row["registers"] <= hopper_fwd.hopper_tiles(128).maxnreg, row
         assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, row
         assert row["shared_bytes"] <= 227 * 1024, row
+
+
+_ENV.restore()  # last line: the interpreter only while this module imports and runs
