@@ -120,7 +120,7 @@ print(json.dumps([kernel_resources.compile_hopper_forward(d, b) for d, b in ((12
 def test_compiles_for_sm90_within_its_budget():
     """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
     consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, no spills, and the ring within the
-    227 KB a CTA may use. In a fresh process: the interpreter that this test session runs under (TRITON_INTERPRET)
+    227 KB a CTA may use. In a fresh process: the interpreter that these tests run under (TRITON_INTERPRET)
     replaces the jit helpers the kernel calls."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _COMPILE.format(bench=_BENCH)], capture_output=True, text=True,
