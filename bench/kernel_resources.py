@@ -105,10 +105,10 @@ def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int
 
 def compile_hopper_forward(head_dim: int, block: int, tiles=None) -> dict:
     """The warp-specialised Hopper forward (``hopper_fwd``), compiled for sm_90a as launched (bf16, 12 warps)."""
-    tiles = tiles or hopper_fwd.hopper_tiles(head_dim)
+    tiles = tiles or hopper_fwd.hopper_tiles()
     fn = hopper_fwd.s2_fwd_hopper_kernel
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
-                      VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, OVERLAP=tiles.overlap, num_warps=4)
+                      VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
 
     def desc_type(name):
         rows = 64 if name == "Q_DESC" else min(block, tiles.block_n)

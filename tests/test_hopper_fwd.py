@@ -48,7 +48,7 @@ def sm90(monkeypatch):
 
 def test_which_calls_take_the_hopper_forward(sm90, monkeypatch):
     q = torch.empty(1, dtype=torch.bfloat16)
-    assert hopper_fwd.hopper_forward_tiles(_plan(), q) == hopper_fwd.hopper_tiles(128)
+    assert hopper_fwd.hopper_forward_tiles(_plan(), q) == hopper_fwd.hopper_tiles()
     assert hopper_fwd.hopper_forward_tiles(_plan(block_size=128, head_dim=64), q.half()) is not None
     assert hopper_fwd.hopper_forward_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=8192), q) is not None  # dense
     for over in (dict(kv_len=8192), dict(analytic=False), dict(block_size=32),
@@ -85,11 +85,8 @@ def test_compile_failure_falls_back_to_the_triton_forward(sm90, monkeypatch):
     plan = _plan(varlen=False, num_heads=1, batch=1, q_len=64, group=1, local_blocks=1, vert_stride=1,
                  metadata=lambda rows: (types.SimpleNamespace(num_tiles=1, first_block=0, head_to_pattern=None), None))
     q = torch.empty(1, 64, 1, 128, dtype=torch.bfloat16)
-    view = lambda x, varlen, d: ([64, 128], [128, 1], 0)  # noqa: E731
-    strides = lambda x, varlen: (0, 0, 0)  # noqa: E731
     with pytest.warns(UserWarning, match="Hopper forward failed to compile"):
-        launched = hopper_fwd.hopper_forward(plan, hopper_fwd.hopper_tiles(128), q, q, q, q, q, None, 1.0, view,
-                                             strides, lambda lse, varlen: (0, 0))
+        launched = hopper_fwd.hopper_forward(plan, hopper_fwd.hopper_tiles(), q, q, q, q, q, None, 1.0)
     assert launched is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -99,7 +96,7 @@ def test_compile_failure_falls_back_to_the_triton_forward(sm90, monkeypatch):
 def test_op_takes_the_triton_forward_where_the_hopper_forward_declines(monkeypatch):
     """The launcher's contract with op._forward: a False return (no TMA row view) means the Triton kernel runs."""
     calls = []
-    monkeypatch.setattr(_op._hopper, "hopper_forward_tiles", lambda plan, q: hopper_fwd.hopper_tiles(128))
+    monkeypatch.setattr(_op._hopper, "hopper_forward_tiles", lambda plan, q: hopper_fwd.hopper_tiles())
     monkeypatch.setattr(_op._hopper, "hopper_forward", lambda *args: calls.append(1) or False)
     from s2megatron.ops.triton_s2 import triton_s2_attention
     from s2megatron.sparsity import S2Layout
@@ -129,7 +126,7 @@ def test_compiles_for_sm90_within_its_budget():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     for row in rows:
         assert row["warps"] == 12, row
-        assert row["registers"] <= hopper_fwd.hopper_tiles(128).maxnreg, row
+        assert row["registers"] <= hopper_fwd.hopper_tiles().maxnreg, row
         assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, row
         assert row["shared_bytes"] <= 227 * 1024, row
 

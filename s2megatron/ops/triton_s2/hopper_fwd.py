@@ -11,7 +11,7 @@ does it by hand, one CTA per 128-row query tile:
 - two consumer warpgroups (64 query rows each, 240 registers per thread) walk the same key tiles. Per tile they
   issue S(t+1) = Q K(t+1)^T and O += P(t) V(t) together (P from registers), run the softmax of S(t+1), rescale O
   and release slot t; the warp scheduler runs one warpgroup's softmax while the other's products occupy the tensor
-  cores. ``OVERLAP`` starts the softmax as soon as S(t+1) is done, while P(t) V(t) still runs.
+  cores.
 
 Key tiles are 128 keys: two 64-key layout blocks of the walk gathered into one ring slot (two TMA copies each for K
 and V; a second block past the walk repeats the first, masked), or one 128-key block. Larger tiles halve the
@@ -46,7 +46,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .kernels import _LN2, _fast_split, _row_walk, _seq_bounds
+from .kernels import _LN2, _fast_split, _interior_block, _row_walk, _seq_bounds
+from .rows import lse_strides, qkv_strides, row_view
 
 
 @gluon.jit
@@ -55,7 +56,7 @@ def _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride):
     ``w0 + e * V``, then local blocks from ``mid_start``), the first ``m1`` local blocks (from ``w2``), the diagonal
     blocks (from ``w3``)."""
     em = e - n_in_e
-    j_in = gl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
+    j_in = _interior_block(e, w0, w1, mid_start, vert_stride)
     j_masked = gl.where(em < m1, w2 + em, w3 + em - m1)
     return gl.where(em < 0, j_in, j_masked)
 
@@ -125,12 +126,12 @@ def _online_softmax(s, m_i, l_i, qk_scale):
 @gluon.jit
 def _consumer_step(t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale,
                    n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
-                   MASK_NEXT: gl.constexpr, HAS_NEXT: gl.constexpr, OVERLAP: gl.constexpr,
+                   MASK_NEXT: gl.constexpr, HAS_NEXT: gl.constexpr,
                    BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
     """Key tile ``t`` of one consumer warpgroup: issue S(t+1) = Q K(t+1)^T and O += P(t) V(t) (P from registers),
-    run the softmax of S(t+1), rescale O and release slot t (K(t) was read by S(t), V(t) by P(t) V(t)). OVERLAP:
-    the softmax starts as soon as S(t+1) is done, while P(t) V(t) still runs; otherwise it waits for both."""
+    wait for both, run the softmax of S(t+1), rescale O and release slot t (K(t) was read by S(t), V(t) by P(t)
+    V(t)). Starting the softmax while P(t) V(t) still runs measured no faster at 128-key tiles and spills."""
     if HAS_NEXT:
         mbarrier.wait(ready.index((t + 1) % STAGES), ((t + 1) // STAGES) & 1)
         s_tok = warpgroup_mma(q, k_smem.index((t + 1) % STAGES).permute((1, 0)),
@@ -138,10 +139,7 @@ def _consumer_step(t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scal
     acc_tok = warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), p_layout), v_smem.index(t % STAGES), acc,
                             is_async=True)
     if HAS_NEXT:
-        if OVERLAP:
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        else:
-            s, acc_tok = warpgroup_mma_wait(0, deps=(s_tok, acc_tok))
+        s, acc_tok = warpgroup_mma_wait(0, deps=(s_tok, acc_tok))
         if MASK_NEXT:
             s = _masked_scores(s, t + 1, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
                                BS, ROWS, BLOCK_N, s_layout)
@@ -159,7 +157,7 @@ def _ws_consume(wg: gl.constexpr, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_s
                 q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
                 stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
-                ROWS: gl.constexpr, OVERLAP: gl.constexpr):
+                ROWS: gl.constexpr):
     """Consumer warpgroup ``wg``: rows ``64 wg .. 64 wg + 63`` of the query tile, every key tile of the walk."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -184,16 +182,16 @@ def _ws_consume(wg: gl.constexpr, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_s
     for t in range(0, n_in - 1):  # the next tile is interior: no mask
         p, acc, m_i, l_i = _consumer_step(
             t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
-            mid_start, width, vert_stride, q_pos, sub_row, False, True, OVERLAP, BS, ROWS, BLOCK_N, STAGES,
+            mid_start, width, vert_stride, q_pos, sub_row, False, True, BS, ROWS, BLOCK_N, STAGES,
             s_layout, p_layout)
     for t in range(gl.maximum(n_in - 1, 0), n_all - 1):
         p, acc, m_i, l_i = _consumer_step(
             t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
-            mid_start, width, vert_stride, q_pos, sub_row, True, True, OVERLAP, BS, ROWS, BLOCK_N, STAGES,
+            mid_start, width, vert_stride, q_pos, sub_row, True, True, BS, ROWS, BLOCK_N, STAGES,
             s_layout, p_layout)
     p, acc, m_i, l_i = _consumer_step(
         n_all - 1, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
-        mid_start, width, vert_stride, q_pos, sub_row, True, False, OVERLAP, BS, ROWS, BLOCK_N, STAGES,
+        mid_start, width, vert_stride, q_pos, sub_row, True, False, BS, ROWS, BLOCK_N, STAGES,
         s_layout, p_layout)
 
     empty_row = l_i == 0.0
@@ -232,8 +230,7 @@ def s2_fwd_hopper_kernel(
     stride_qh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     qk_scale, q_len, kv_len, num_tiles, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
-    STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
-    num_warps: gl.constexpr,
+    STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Warp-specialised form: a producer warp streams Q and the K/V ring with TMA, two consumer warpgroups (64
     query rows each) run the matrix products and the softmax; the warp scheduler interleaves the two."""
@@ -273,11 +270,11 @@ def s2_fwd_hopper_kernel(
             (_ws_consume, (0, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
                                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0,
                                seq_start, kv_end, past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, OVERLAP)),
+                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS)),
             (_ws_consume, (1, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
                                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0,
                                seq_start, kv_end, past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, OVERLAP)),
+                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS)),
             (_ws_load, (n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, kvh * stride_kh,
                         kvh * stride_vh, q_row0, h * stride_qh, Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem,
                         ready, empty, q_bar, BS, BLOCK_N, STAGES)),
@@ -295,7 +292,6 @@ class HopperTiles:
     maxnreg: int = 168     # launch limit: 12 warps x 168 registers fill the register file, then redistributed
     block_m: int = 128     # two consumer warpgroups of 64 query rows
     block_n: int = 128     # key tile: two 64-key blocks gathered, or one 128-key block
-    overlap: bool = False  # softmax of S(t+1) while P(t) V(t) runs (see _consumer_step)
 
 
 @lru_cache(maxsize=None)
@@ -310,13 +306,13 @@ MIN_ROW_KEYS = 2048
 _broken: list = []  # the compile error, once the kernel failed to build in this process
 
 
-def hopper_tiles(head_dim: int) -> HopperTiles:
+def hopper_tiles() -> HopperTiles:
     """Three K/V slots of 128 keys (192 KB at head dim 128, with the 32 KB query tile: one CTA per SM).
 
     Measured on an H200 (L16V16, block 64, head dim 128; ms at 8k / 32k / 128k, Triton forward 0.355 / 2.368 /
-    22.66 in the same process): 128-key tiles, 3 slots 0.384 / 2.254 / 19.93; the same with ``overlap`` 0.383 /
-    2.239 / 19.82 (equal within noise, and 52 bytes of spills); 128-key tiles with 2 slots 0.420 / 2.587 / 22.62;
-    64-key tiles, 4 slots, ``overlap`` 0.373 / 2.315 / 20.68 (without ``overlap`` 3-7 % slower in another call)."""
+    22.66 in the same process): 128-key tiles, 3 slots 0.384 / 2.254 / 19.93; the same with the softmax of S(t+1)
+    overlapping P(t) V(t) 0.383 / 2.239 / 19.82 (equal within noise, and 52 bytes of spills); 128-key tiles with 2
+    slots 0.420 / 2.587 / 22.62; 64-key tiles, 4 slots, overlapped 0.373 / 2.315 / 20.68."""
     return HopperTiles(stages=3)
 
 
@@ -350,7 +346,7 @@ def hopper_forward_tiles(plan, q) -> Optional[HopperTiles]:
     patterns = plan.metadata(HopperTiles.block_m)[0].patterns  # cached per shape
     if mode != "1" and row_keys(patterns, plan.layout, plan.kv_len) < MIN_ROW_KEYS:
         return None
-    return hopper_tiles(plan.head_dim)
+    return hopper_tiles()
 
 
 def _descriptor(x, view, block_rows, head_dim):
@@ -360,10 +356,9 @@ def _descriptor(x, view, block_rows, head_dim):
     return TensorDescriptor(x, shape, strides, [block_rows, head_dim], layout)
 
 
-def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale, row_view, qkv_strides,
-                   lse_strides) -> bool:
+def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) -> bool:
     """Launch the kernel into ``out`` and ``lse``; False (nothing launched) where a tensor has no TMA row view
-    (``op.row_view``: strides, alignment) or K and V lay out their batch entries differently."""
+    (:func:`rows.row_view`: strides, alignment) or K and V lay out their batch entries differently."""
     views = [row_view(x, plan.varlen, plan.head_dim) for x in (q, k, v)]
     if any(view is None for view in views) or views[1][2] != views[2][2]:
         return False
@@ -380,8 +375,8 @@ def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale, ro
             *lse_strides(lse, plan.varlen), qk_scale, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
             plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[1][2],
             HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
-            STAGES=tiles.stages, VARLEN=plan.varlen, CONSUMER_REGS=tiles.consumer_regs, OVERLAP=tiles.overlap,
-            num_warps=4, maxnreg=tiles.maxnreg)
+            STAGES=tiles.stages, VARLEN=plan.varlen, CONSUMER_REGS=tiles.consumer_regs, num_warps=4,
+            maxnreg=tiles.maxnreg)
     except CompilationError as err:  # another Triton version: the Triton forward from now on
         _broken.append(err)
         warnings.warn(f"S2 Hopper forward failed to compile, using the Triton forward instead: {err}")

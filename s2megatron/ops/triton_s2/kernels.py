@@ -287,6 +287,13 @@ def _key_tile_split(n_ent, w0, w1, w2, w3, width,
 
 
 @triton.jit
+def _interior_block(e, w0, w1, mid_start, vert_stride):
+    """Key block of interior entry ``e`` of a FAST row walk (``_fast_split``): the ``w1`` stripes
+    ``w0 + e * vert_stride``, then the local blocks from ``mid_start``."""
+    return tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
+
+
+@triton.jit
 def _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_off, stride_ks, stride_vs, d_ok,
                  K_DESC, V_DESC, row0, k_col, v_col,
                  BS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
@@ -297,7 +304,7 @@ def _interior_kv(it, w0, w1, mid_start, vert_stride, k_base, v_base, k_off, v_of
     the scalar offset of the tile (``k_off``/``v_off`` the loop-invariant [BLOCK_N, BLOCK_D] offsets in a tile)."""
     SUBS: tl.constexpr = BS // BLOCK_N
     e = it // SUBS
-    j = tl.where(e < w1, w0 + e * vert_stride, mid_start + e - w1)
+    j = _interior_block(e, w0, w1, mid_start, vert_stride)
     if DESC:
         row = row0 + j * BS + (it % SUBS) * BLOCK_N
         k = _desc_rows(K_DESC, row, k_col, UPCAST)

@@ -21,6 +21,9 @@ from ...sparsity.metadata import get_metadata, tiling
 from ...triton_runtime import decorated_for_interpreter, on_device
 from . import config as _config
 from . import kernels as _kernels
+from .rows import lse_strides as _lse_strides
+from .rows import qkv_strides as _qkv_strides
+from .rows import row_view
 
 try:  # the Hopper forward needs Gluon (Triton 3.5 and later)
     from . import hopper_fwd as _hopper
@@ -178,36 +181,6 @@ class _Plan:
                     UPCAST=self.upcast, PREC=self.prec)
 
 
-def _qkv_strides(x, varlen):
-    """(batch, seq, head) strides of a [B, S, H, D] or packed [T, H, D] tensor (batch stride 0 when packed)."""
-    return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
-
-
-def _lse_strides(lse, varlen):
-    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-
-
-def row_view(x, varlen, block_d):
-    """``(shape, strides, rows per batch entry)`` of the token rows of ``x`` ([B, S, H, D] or packed [T, H, D]) as a
-    2-D tensor: row ``b * rows_b + s``, column ``h * stride_h + d``; or None where a TMA copy cannot read it: not
-    16-bit, head dim not equal to ``block_d`` (a tile would read the next head), strides or base not 16-byte
-    aligned, or batch entries not a whole number of token rows apart."""
-    if x.element_size() != 2 or x.shape[-1] != block_d:
-        return None
-    batch, seq, heads = (1, *x.shape[:2]) if varlen else x.shape[:3]
-    sb, ss, sh = _qkv_strides(x, varlen)
-    # 16-bit elements: 16-byte alignment is a multiple of 8 elements
-    if ss <= 0 or ss % 8 or (heads > 1 and sh % 8) or x.data_ptr() % 16:
-        return None
-    rows_b = 0
-    if batch > 1:
-        if sb % ss:
-            return None
-        rows_b = sb // ss
-    width = (heads - 1) * sh + block_d if heads > 1 else block_d
-    return [(batch - 1) * rows_b + seq, width], [ss, 1], rows_b
-
-
 def row_descriptor(x, varlen, block_rows, block_d):
     """``(descriptor, rows per batch entry)`` over the token rows of ``x`` (:func:`row_view`) with
     ``[block_rows, block_d]`` blocks, or ``(None, 0)`` where a TMA copy cannot read it."""
@@ -253,8 +226,7 @@ def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_
     hopper = _hopper.hopper_forward_tiles(plan, q) if _hopper is not None else None
     if hopper is not None:
         with on_device(plan.device):
-            if _hopper.hopper_forward(plan, hopper, q, k, v, out, lse, cu, sm_scale * _kernels.LOG2E, row_view,
-                                      _qkv_strides, _lse_strides):
+            if _hopper.hopper_forward(plan, hopper, q, k, v, out, lse, cu, sm_scale * _kernels.LOG2E):
                 return out, lse
     k_desc, v_desc, kv_rows_b, desc = _row_descriptors(plan.tma and cfg.fwd_tma and plan.fast(cfg.block_n), (k, v),
                                                        plan.varlen, cfg.block_n, plan.block_d)
