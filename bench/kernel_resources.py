@@ -30,9 +30,9 @@ try:
     from triton.experimental.gluon import language as gl  # noqa: E402
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-    from s2megatron.ops.triton_s2 import hopper_fwd  # noqa: E402
-except ImportError:  # a Triton without Gluon: no Hopper forward
-    hopper_fwd = None
+    from s2megatron.ops.triton_s2 import hopper_bwd, hopper_fwd  # noqa: E402
+except ImportError:  # a Triton without Gluon: no Hopper kernels
+    hopper_fwd = hopper_bwd = None
 
 FP32_PTRS = {"LSE", "DELTA", "DLSE"}
 INT_PTRS = {"CU_SEQLENS", "HEAD_TO_PAT", "ROW_PTR", "ROW_COLS", "ROW_LAST", "RESIDUES", "COL_PTR", "COL_ROWS"}
@@ -124,6 +124,28 @@ def compile_hopper_forward(head_dim: int, block: int, tiles=None) -> dict:
     return out
 
 
+def compile_hopper_dkdv(head_dim: int, block: int, tiles=None) -> dict:
+    """The warp-specialised Hopper dK/dV (``hopper_bwd``), compiled for sm_90a as launched (bf16, 12 warps)."""
+    tiles = tiles or hopper_bwd.HopperDkdvTiles()
+    fn = hopper_bwd.s2_dkdv_hopper_kernel
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block,
+                      STAGES=tiles.stages, VARLEN=False, HEADS_FASTEST=True, CONSUMER_REGS=tiles.consumer_regs,
+                      PRODUCER_REGS=tiles.producer_regs, DV_FIRST=bool(tiles.dv_first), num_warps=4)
+
+    def desc_type(name):
+        rows = tiles.block_n if name in ("K_DESC", "V_DESC") else tiles.block_m
+        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
+
+    sig, attrs = _signature(fn, constexprs, desc_type)
+    compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "maxnreg": tiles.maxnreg})
+    out = ptxas_report(compiled.asm["ptx"], 90)
+    out["shared_bytes"] = compiled.metadata.shared
+    out["warps"] = compiled.metadata.num_warps
+    return out
+
+
 def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> dict:
     bd = tile_cfg.block_d(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BS=block, VARLEN=False, UPCAST=False, PREC="tf32")
@@ -143,6 +165,7 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
                                cfg.dkdv_warps, cfg.dkdv_stages, arch, cfg.dkdv_block_m)
     if arch == 90 and analytic and hopper_fwd is not None and block in (64, 128) and head_dim in (64, 128):
         rows["fwd_hopper"] = compile_hopper_forward(head_dim, block)
+        rows["dkdv_hopper"] = compile_hopper_dkdv(head_dim, block)
     return rows
 
 

@@ -121,6 +121,22 @@ def test_hopper_forward_sweep(case, monkeypatch):
     real = _op._hopper.hopper_forward
     monkeypatch.setattr(_op._hopper, "hopper_forward", lambda *a: launched.append(real(*a)) or launched[-1])
     monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")
+    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "0")  # the Triton dK/dV (the dK/dV sweep below has the other)
+    _run_sweep_case(case)
+    assert launched and all(launched), launched
+
+
+@pytest.mark.skipif(not _sm90(), reason="the Hopper dK/dV runs on sm_90")
+@pytest.mark.parametrize("case", HOPPER, ids=["hopper-dkdv-" + c["id"] for c in HOPPER])
+def test_hopper_dkdv_sweep(case, monkeypatch):
+    """The warp-specialised dK/dV at every length (S2MEGATRON_HOPPER_BWD=1; with the Triton forward, so that only
+    this kernel differs from the sweep) against the float64 reference; the test fails unless that kernel ran."""
+    from s2megatron.ops.triton_s2 import op as _op
+    launched = []
+    real = _op._hopper_bwd.hopper_dkdv
+    monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv", lambda *a: launched.append(real(*a)) or launched[-1])
+    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "0")
+    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "1")
     _run_sweep_case(case)
     assert launched and all(launched), launched
 

@@ -232,6 +232,27 @@ def _col_run(COL_ROWS, RESIDUES, cp, pat, j, ok, first_block, kv_end, local_bloc
 
 
 @triton.jit
+def _col_chunks(COL_ROWS, RESIDUES, cp, pat, k_pos0, first_block, kv_end, past, local_blocks, vert_stride,
+                BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ANALYTIC: tl.constexpr):
+    """The query chunks (``BLOCK_M`` rows) of the key tile at ``k_pos0``, which lies in one layout block
+    (``BS >= BLOCK_N``), under pattern ``pat``: (first query position of the run ``q_lo``, chunk count ``n_tot``,
+    interior chunks ``[c0, c1)``, last keeping query block ``hi_b`` relative to ``first_block``, -1 if none).
+    Interior chunks have every row at or after every key of the tile, inside the queries and inside the run; the
+    others (the diagonal chunks before ``c0``, the tail from ``c1``) need the causal, run and query masks."""
+    has, lo_b, hi_b = _col_run(COL_ROWS, RESIDUES, cp, pat, k_pos0 // BS, k_pos0 < kv_end, first_block, kv_end,
+                               local_blocks, vert_stride, BS, ANALYTIC)
+    hi_b = tl.where(has, hi_b, -1)
+    lo_b = tl.where(has, lo_b, 0)
+    q_lo = (first_block + lo_b) * BS
+    q_end = (first_block + hi_b + 1) * BS
+    n_tot = tl.where(has, (q_end - q_lo + BLOCK_M - 1) // BLOCK_M, 0)
+    k_last = k_pos0 + BLOCK_N - 1
+    c0 = tl.minimum((tl.maximum(tl.maximum(k_last, past) - q_lo, 0) + BLOCK_M - 1) // BLOCK_M, n_tot)
+    c1 = tl.minimum(tl.maximum((tl.minimum(q_end, kv_end) - q_lo) // BLOCK_M, c0), n_tot)
+    return q_lo, n_tot, c0, c1, hi_b
+
+
+@triton.jit
 def _fast_split(n_ent, w0, w1, w2, w3, width, ROWS: tl.constexpr):
     """Split an S2 row walk (``_row_walk`` ANALYTIC output) into interior entries, which every row of the tile keeps
     and which lie entirely below it (the stripes, then the local blocks from ``mid_start`` up to the tile), and the
@@ -560,16 +581,8 @@ def s2_bwd_dkdv_kernel(
         do_base = DO + off_b * stride_dob + h * stride_doh + qrow0 * stride_dos
         l_off = off_b * stride_lb + h * stride_lh + qrow0
         if FAST:
-            has, lo_b, hi_b = _col_run(COL_ROWS, RESIDUES, cp, pat, k_pos0 // BS, k_pos0 < kv_end, first_block, kv_end,
-                                       local_blocks, vert_stride, BS, ANALYTIC)
-            hi_b = tl.where(has, hi_b, -1)  # last keeping query block (relative to first_block)
-            lo_b = tl.where(has, lo_b, 0)
-            q_lo = (first_block + lo_b) * BS
-            q_end = (first_block + hi_b + 1) * BS
-            n_tot = tl.where(has, (q_end - q_lo + BLOCK_M - 1) // BLOCK_M, 0)
-            # interior query chunks [c0, c1): every row at or after every key, inside the queries and the run
-            c0 = tl.minimum((tl.maximum(tl.maximum(k_last, past) - q_lo, 0) + BLOCK_M - 1) // BLOCK_M, n_tot)
-            c1 = tl.minimum(tl.maximum((tl.minimum(q_end, kv_end) - q_lo) // BLOCK_M, c0), n_tot)
+            q_lo, n_tot, c0, c1, hi_b = _col_chunks(COL_ROWS, RESIDUES, cp, pat, k_pos0, first_block, kv_end, past,
+                                                    local_blocks, vert_stride, BS, BLOCK_M, BLOCK_N, ANALYTIC)
             q_row0 = off_b * q_rows_b + qrow0
             for c in range(c0, c1):
                 r = (q_lo + c * BLOCK_M).to(tl.int64)

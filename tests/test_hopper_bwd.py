@@ -1,0 +1,150 @@
+"""The warp-specialised Hopper dK/dV (s2megatron/ops/triton_s2/hopper_bwd.py) without a GPU: which calls take it,
+the fallback when it fails to compile, and that it compiles for sm_90a with the register and shared-memory budget it
+is launched with. Its numerics are checked on the GPU (tests/gpu/test_triton_s2_gpu.py: the float64 reference)."""
+import json
+import os
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
+
+_ENV = InterpreterEnv()  # before triton and the kernels are imported
+
+from triton.compiler.errors import CompilationError  # noqa: E402
+
+from s2megatron.ops.triton_s2 import hopper_bwd  # noqa: E402
+from s2megatron.ops.triton_s2 import kernels as _kernels  # noqa: E402
+from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
+from s2megatron.sparsity import S2Layout, get_metadata  # noqa: E402
+
+_kernels = interpreted(_kernels, "s2_fwd_kernel")  # the CPU test of the op runs the Triton kernels
+_interpreter_env = _ENV.fixture()
+
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def _plan(**over):
+    fields = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=131072, num_heads=32, group=1,
+                  analytic=True, merge_q=True, block_size=64, head_dim=128, cfg=types.SimpleNamespace(block_m=128))
+    fields.update(over)
+    plan = types.SimpleNamespace(**fields)
+    plan.local_blocks, plan.vert_stride = plan.layout.local_blocks, plan.layout.vert_stride
+    if "metadata" not in over:
+        patterns = plan.layout.head_patterns(plan.layout.resolve(plan.num_heads))
+        plan.metadata = lambda rows: (types.SimpleNamespace(patterns=patterns), None)
+    return plan
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    monkeypatch.delenv("S2MEGATRON_HOPPER_BWD", raising=False)
+    monkeypatch.setattr(hopper_bwd, "_is_sm90", lambda index: True)
+    monkeypatch.setattr(hopper_bwd, "_broken", [])
+
+
+def test_which_calls_take_the_hopper_dkdv(sm90, monkeypatch):
+    q = torch.empty(1, dtype=torch.bfloat16)
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(), q) == hopper_bwd.HopperDkdvTiles()
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=65536, head_dim=64), q.half()) is not None
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=32768, group=4), q) is not None  # GQA: 4 heads per walk
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=8192), q) is not None  # dense
+    for over in (dict(kv_len=32768), dict(analytic=False), dict(merge_q=False), dict(block_size=32),
+                 dict(block_size=256), dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu"))):
+        assert hopper_bwd.hopper_dkdv_tiles(_plan(**over), q) is None, over
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(), q.float()) is None
+    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "1")  # any length
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=100), q) is not None
+    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "0")
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(), q) is None
+    monkeypatch.delenv("S2MEGATRON_HOPPER_BWD")
+    monkeypatch.setattr(hopper_bwd, "_is_sm90", lambda index: False)  # sm_80, or sm_100 (no wgmma)
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(), q) is None
+
+
+@pytest.mark.parametrize("layout,kv_len,heads", [
+    (S2Layout(64, 16, 16), 8192, 32), (S2Layout(64, 16, 16), 32768 + 100, 8), (S2Layout(64, 1, 1), 4000, 4),
+    (S2Layout(128, 8, 8, num_dense_heads=2), 20000, 8), (S2Layout(64, 4, 3, num_dense_heads=1), 1000, 3),
+    (S2Layout(16, 3, 5, head_sliding=False), 700, 5)])
+def test_col_rows_is_the_column_lists_length(layout, kv_len, heads):
+    """The policy's walk length equals the query blocks of the column lists in the metadata, per key block,
+    averaged over key blocks and heads."""
+    meta = get_metadata(layout, heads, kv_len, kv_len, device="cpu", rows_per_tile=1)
+    blocks = meta.col_ptr.shape[1] - 1
+    kept = [int(meta.col_ptr[p, -1] - meta.col_ptr[p, 0]) for p in meta.head_to_pattern.tolist()]
+    patterns = layout.head_patterns(layout.resolve(heads))
+    residues = tuple(patterns.residues[p] for p in patterns.head_to_pattern)
+    got = hopper_bwd.col_rows(residues, layout.local_blocks, layout.vert_stride, layout.block_size, kv_len)
+    assert got == pytest.approx(layout.block_size * sum(kept) / (heads * blocks))
+
+
+def test_compile_failure_falls_back_to_the_triton_kernel(sm90, monkeypatch):
+    """A Triton whose Gluon cannot build the kernel: one warning, nothing launched, and no further attempts."""
+    def failing_launch(*args, **kwargs):
+        raise CompilationError("k.py", None, "unsupported")
+
+    monkeypatch.setattr(hopper_bwd, "s2_dkdv_hopper_kernel", {(1, 1): failing_launch}, raising=True)
+    monkeypatch.setattr(hopper_bwd, "_descriptor", lambda *args: None)
+    plan = _plan(varlen=False, num_kv_heads=1, batch=1, q_len=64, kv_len=64)
+    q = torch.empty(1, 64, 1, 128, dtype=torch.bfloat16)
+    lse = torch.empty(1, 1, 64)
+    with pytest.warns(UserWarning, match="Hopper dK/dV failed to compile"):
+        launched = hopper_bwd.hopper_dkdv(plan, hopper_bwd.HopperDkdvTiles(), q, q, q, q, q, q, lse, lse, None,
+                                          1.0, 1.0, 0, None, None, True)
+    assert launched is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hopper_bwd.hopper_dkdv_tiles(plan, q) is None
+
+
+def test_op_takes_the_triton_kernel_where_the_hopper_dkdv_declines(monkeypatch):
+    """The launcher's contract with op._backward: a False return (no TMA row view) means the Triton kernel runs,
+    and the gradients are those of the reference."""
+    calls = []
+    monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv_tiles", lambda plan, q: hopper_bwd.HopperDkdvTiles())
+    monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv", lambda *args: calls.append(1) or False)
+    from s2megatron.ops.reference import reference_attention
+    from s2megatron.ops.triton_s2 import triton_s2_attention
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    layout = S2Layout(16, 1, 2)
+    grads = torch.autograd.grad(triton_s2_attention(q, k, v, layout, sm_scale=0.25).sum(), (k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = torch.autograd.grad(reference_attention(q64, k64, v64, layout, sm_scale=0.25)[0].sum(), (k64, v64))
+    assert calls == [1]
+    for got, want in zip(grads, ref):
+        assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+_COMPILE = """
+import json, sys
+sys.path.insert(0, {bench!r})
+import kernel_resources
+print(json.dumps([kernel_resources.compile_hopper_dkdv(d, b) for d, b in ((128, 64), (64, 64), (128, 128))]))
+"""
+
+
+def test_compiles_for_sm90_within_its_budget():
+    """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
+    consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, shared memory within the 227 KB
+    a CTA may use, and at most a few scalars spilled (at head dim 128 ptxas spills 32-76 bytes of the walk's loop
+    state outside the matrix products; the chunk's tiles stay in registers). In a fresh process: the interpreter
+    that these tests run under (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE.format(bench=_BENCH)], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(_BENCH), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for row in rows:
+        assert row["warps"] == 12, row
+        assert row["registers"] <= hopper_bwd.HopperDkdvTiles().maxnreg, row
+        assert row["spill_store_bytes"] <= 128 and row["spill_load_bytes"] <= 128, row
+        assert row["shared_bytes"] <= 227 * 1024, row
+    assert rows[1]["spill_store_bytes"] == 0, rows[1]  # head dim 64: nothing spilled
+
+
+_ENV.restore()  # last line: the interpreter only while this module imports and runs
