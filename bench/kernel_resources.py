@@ -130,7 +130,7 @@ def compile_hopper_dkdv(head_dim: int, block: int, tiles=None) -> dict:
     fn = hopper_bwd.s2_dkdv_hopper_kernel
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block,
                       STAGES=tiles.stages, VARLEN=False, HEADS_FASTEST=True, CONSUMER_REGS=tiles.consumer_regs,
-                      PRODUCER_REGS=tiles.producer_regs, DV_FIRST=bool(tiles.dv_first), num_warps=4)
+                      PRODUCER_REGS=tiles.producer_regs, num_warps=4)
 
     def desc_type(name):
         rows = tiles.block_n if name in ("K_DESC", "V_DESC") else tiles.block_m

@@ -141,6 +141,33 @@ def test_hopper_dkdv_sweep(case, monkeypatch):
     assert launched and all(launched), launched
 
 
+# the Hopper dK/dV pairs a kv head's key tiles by their walks (stripes with stripes, other blocks with others, the
+# halves of a 128-block): residues before, at and past the end of the sequence, V = 1 (dense), V > L and V < L,
+# dense heads, per-kv-head patterns, odd block counts; every tile of every head must be stored once
+PAIRING = [(S2Layout(64, 1, 1), 4, 1, 1000), (S2Layout(64, 2, 2), 4, 2, 1300), (S2Layout(64, 3, 5), 6, 3, 1999),
+           (S2Layout(64, 16, 16), 4, 4, 1600), (S2Layout(64, 4, 16, head_sliding=False), 3, 1, 2500),
+           (S2Layout(64, 2, 7, num_dense_heads=1), 4, 2, 1100), (S2Layout(64, 5, 3, per_kv_head=True), 8, 2, 1237),
+           (S2Layout(128, 2, 3), 4, 1, 1500), (S2Layout(128, 1, 1), 2, 2, 700), (S2Layout(64, 8, 40), 4, 2, 3000)]
+
+
+@pytest.mark.skipif(not _sm90(), reason="the Hopper dK/dV runs on sm_90")
+@pytest.mark.parametrize("layout,hq,hkv,length", PAIRING, ids=[f"{lay.block_size}-L{lay.local_blocks}V{lay.vert_stride}"
+                                                               f"-h{hq}x{hkv}-S{n}" for lay, hq, hkv, n in PAIRING])
+def test_hopper_dkdv_pairing(layout, hq, hkv, length, monkeypatch):
+    """dK and dV of the Hopper kernel at head dim 64 against the float64 reference, for layouts whose key tiles pair
+    differently; the test fails unless that kernel ran."""
+    from s2megatron.ops.triton_s2 import op as _op
+    launched = []
+    real = _op._hopper_bwd.hopper_dkdv
+    monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv", lambda *a: launched.append(real(*a)) or launched[-1])
+    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "1")
+    gen = torch.Generator(device=DEV).manual_seed(length)
+    q = _randn((1, length, hq, 64), torch.bfloat16, gen)
+    k, v = (_randn((1, length, hkv, 64), torch.bfloat16, gen) for _ in range(2))
+    check_case(layout, q, k, v, seed=length)
+    assert launched and all(launched), launched
+
+
 @pytest.mark.parametrize("case", SHORT, ids=["short-" + c["id"] for c in SHORT])
 def test_short_sweep(case):
     _run_sweep_case(case)

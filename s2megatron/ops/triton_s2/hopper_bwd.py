@@ -2,25 +2,29 @@
 
 The Triton dK/dV kernel (``kernels.s2_bwd_dkdv_kernel``) is the largest part of the backward and latency bound on
 Hopper (ncu: two warps per scheduler, under 0.5 eligible, the tensor pipe idle half the time, spills). This kernel
-keeps its column walk and its ownership (one CTA per (64-key tile, kv head), walking every query head of the GQA
-group in order; no atomics) and splits the work inside the CTA the way the Hopper forward does:
+keeps its column walk and its ownership (no atomics: a CTA owns dK/dV of its key tiles of one kv head and walks every
+query head of the GQA group in order) and splits the work inside the CTA the way the Hopper forward does. A CTA
+holds two 64-key tiles, one per consumer warpgroup:
 
-- a producer warp loads the key tile's K and V once, then streams the query chunks of the walk (64 rows of Q and of
-  dO) into a ring of ``STAGES`` shared-memory slots with TMA (``ready`` barriers), each slot once its consumer has
-  released it (``empty`` barriers);
-- two consumer warpgroups (240 registers per thread) take the chunks in turn (even and odd chunks of the walk).
-  Per chunk a consumer computes, transposed (keys are rows), S^T = K Q^T and dP^T = V dO^T, then
-  P^T = exp2(S^T - lse), dV += P^T dO (issued at once), dS^T = P^T (dP^T - Delta), dK += dS^T Q, with P^T and dS^T
-  from registers; the warp scheduler runs one consumer's elementwise work while the other's products use the
-  tensor cores.
-- At the end each consumer hands the other one partial sum through shared memory (the Q and dO rings, free by then:
-  its dV to the first, its dK to the second); the first adds and stores dK, the second dV: two backward passes give
-  bitwise-identical gradients.
+- a producer warp loads K and V of both tiles, then streams the query chunks of the joint walk (64 rows of Q and of
+  dO through TMA, their lse and Delta through plain loads) into a ring of ``STAGES`` shared-memory slots (``ready``
+  barriers), each slot once both consumers have released it (``empty`` barriers);
+- each consumer warpgroup (240 registers per thread) computes, for the chunks its own tile's walk holds, transposed
+  (keys are rows): S^T = K Q^T and dP^T = V dO^T, P^T = exp2(S^T - lse), dS^T = P^T (dP^T - Delta), then
+  dV += P^T dO and dK += dS^T Q with P^T and dS^T from registers, and releases the other chunks untouched; the warp
+  scheduler runs one consumer's elementwise work while the other's products use the tensor cores. Each stores its
+  own tile's dK and dV.
 
-The walk and the masks are the Triton kernel's, from the same helpers (``_col_chunks``): the interior chunks (every
-query row at or after every key of the tile, inside the run and the queries) unmasked, then the diagonal chunks and
-the tail with the causal, run and query masks. Query rows outside the sequence get lse = +inf, hence P = 0; key rows
-past the sequence (the next sequence's rows, or TMA zero fill) are computed and not stored.
+The two tiles share each chunk's loads, so their walks should coincide (:func:`_pair_tiles`): at block 128 they are the
+halves of one layout block (the same walk); at block 64 a kv head's stripes are paired with each other (walks to the
+last query block, ``V`` blocks apart) and its other blocks with each other (walks of ``L`` query blocks, one or two
+apart). Paired this way, each walk is a CTA's length per pair rather than per tile, and Q and dO are read half as
+often as by one tile per CTA.
+
+The walk and the masks are the Triton kernel's, from the same helper (``_col_chunks``): the interior chunks (every
+query row at or after every key of the tile, inside the run and the queries) unmasked, the diagonal chunks and the
+tail with the causal, run and query masks. Query rows outside the sequence get lse = +inf, hence P = 0; key rows past
+the sequence (the next sequence's rows, or TMA zero fill) are computed and not stored.
 
 Scope (:func:`hopper_dkdv_tiles`): an S2Layout of block 64 or 128, head dim 64 or 128, bf16/fp16, an sm_90 GPU and
 tensors a TMA descriptor can read; everything else takes the Triton kernel, as does every call once this one failed
@@ -49,17 +53,8 @@ _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
-def _chunk_pos(i, n_int, q_lo, c0, c1, BLOCK_M: gl.constexpr):
-    """First query position of the ``i``-th chunk of a head's walk: the interior chunks ``c0 .. c1 - 1`` first,
-    then the masked ones (``0 .. c0 - 1``, then ``c1 ..``)."""
-    m = i - n_int
-    c = gl.where(i < n_int, c0 + i, gl.where(m < c0, m, c1 + m - c0))
-    return q_lo + c * BLOCK_M
-
-
-@gluon.jit
 def _dkdv_chunk(it, pos, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, qk_scale,
-                k_pos, hi_b, first_block, MASKED: gl.constexpr, DV_FIRST: gl.constexpr,
+                k_pos, hi_b, first_block, MASKED: gl.constexpr,
                 BS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                 s_layout: gl.constexpr, a_layout: gl.constexpr):
     """Query chunk ``it`` of the walk (ring slot ``it % STAGES``, first query position ``pos``) for one consumer."""
@@ -77,12 +72,8 @@ def _dkdv_chunk(it, pos, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem, delt
         cols = pos + gl.arange(0, BLOCK_M, layout=col_layout)
         allowed = (k_pos[:, None] <= cols[None, :]) & ((cols[None, :] // BS - first_block) <= hi_b)
         p = gl.where(allowed, p, 0.0)
-    if DV_FIRST:  # dV's product runs while dS is computed
-        dv_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), a_layout), do, dv, is_async=True)
-        ds = p * (dp - delta_smem.index(slot).load(col_layout)[None, :])
-    else:
-        ds = p * (dp - delta_smem.index(slot).load(col_layout)[None, :])
-        dv_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), a_layout), do, dv, is_async=True)
+    ds = p * (dp - delta_smem.index(slot).load(col_layout)[None, :])
+    dv_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), a_layout), do, dv, is_async=True)
     dk_tok = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), a_layout), q, dk, is_async=True)
     dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
     mbarrier.arrive(empty.index(slot), count=1)
@@ -90,91 +81,146 @@ def _dkdv_chunk(it, pos, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem, delt
 
 
 @gluon.jit
-def _dkdv_consume(wg: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
-                  kv_bar, red_bar, DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, k_pos0, seq_start, kv_end, past,
+def _pair_tiles(p, r, kv_end, vert_stride, BS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """First key positions of the two 64-key tiles of pair ``p`` and whether each exists. Block 128: the two halves
+    of layout block ``p``. Block 64 (one tile per block): pairs of the kv head's stripes (residue ``r``; every block
+    of a dense head, ``r < 0``) first, then pairs of its other blocks, so that both tiles of a pair have walks of
+    about the same length (a stripe runs to the last query block, any other block for ``L`` query blocks)."""
+    blocks = (kv_end + BS - 1) // BS
+    if BS == 2 * BLOCK_N:
+        pos_a = p * BS
+        pos_b = pos_a + BLOCK_N
+    else:
+        dense = (r < 0) | (vert_stride == 1)
+        rr = gl.where(r < 0, 0, r)
+        n_s = gl.where(dense, blocks, gl.where(rr < blocks, (blocks - rr + vert_stride - 1) // vert_stride, 0))
+        p_s = (n_s + 1) // 2
+        k = gl.where(p < p_s, 2 * p, 2 * (p - p_s))
+        vm1 = gl.maximum(vert_stride - 1, 1)
+        # k-th stripe, k-th other block (each group of V blocks holds V - 1 others: all but the stripe r)
+        stripe_a = gl.where(dense, k, rr + k * vert_stride)
+        stripe_b = gl.where(dense, k + 1, rr + (k + 1) * vert_stride)
+        m_a = k % vm1
+        m_b = (k + 1) % vm1
+        other_a = (k // vm1) * vert_stride + m_a + (m_a >= rr).to(gl.int32)
+        other_b = ((k + 1) // vm1) * vert_stride + m_b + (m_b >= rr).to(gl.int32)
+        pos_a = gl.where(p < p_s, stripe_a, other_a) * BS
+        pos_b = gl.where(p < p_s, stripe_b, other_b) * BS
+        # pairs of other blocks end at blocks - n_s others; a pair index past both lists has no tile
+        n_o = blocks - n_s
+        ok_a = (p < p_s) | (k < n_o)
+        ok_b = gl.where(p < p_s, k + 1 < n_s, k + 1 < n_o)
+        pos_a = gl.where(ok_a, pos_a, kv_end)
+        pos_b = gl.where(ok_b, pos_b, kv_end)
+    return pos_a, pos_b, pos_a < kv_end, pos_b < kv_end
+
+
+@gluon.jit
+def _union_walk(RESIDUES, pat, pos_a, pos_b, ok_a, ok_b, first_block, kv_end, past, local_blocks, vert_stride,
+                BS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The chunks of both tiles' walks under pattern ``pat``: (first query position, chunk count) of the range
+    from the earlier start to the later end (a gap between the two runs is walked too, by neither consumer)."""
+    lo_a, n_a, c0_a, c1_a, hi_a = _col_chunks(RESIDUES, RESIDUES, RESIDUES, pat, pos_a, first_block, kv_end, past,
+                                              local_blocks, vert_stride, BS, BLOCK_M, BLOCK_N, True)
+    lo_b, n_b, c0_b, c1_b, hi_b = _col_chunks(RESIDUES, RESIDUES, RESIDUES, pat, pos_b, first_block, kv_end, past,
+                                              local_blocks, vert_stride, BS, BLOCK_M, BLOCK_N, True)
+    n_a = gl.where(ok_a, n_a, 0)
+    n_b = gl.where(ok_b, n_b, 0)
+    end_a = lo_a + n_a * BLOCK_M
+    end_b = lo_b + n_b * BLOCK_M
+    lo = gl.where(n_a == 0, lo_b, gl.where(n_b == 0, lo_a, gl.minimum(lo_a, lo_b)))
+    end = gl.where(n_a == 0, end_b, gl.where(n_b == 0, end_a, gl.maximum(end_a, end_b)))
+    return lo, gl.where((n_a == 0) & (n_b == 0), 0, (end - lo) // BLOCK_M)
+
+
+@gluon.jit
+def _dkdv_consume(wg: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, kv_bar,
+                  DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b, seq_start, kv_end, past,
                   stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                   sm_scale, qk_scale, first_block, group, local_blocks, vert_stride,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
-                  STAGES: gl.constexpr, DV_FIRST: gl.constexpr):
-    """Consumer warpgroup ``wg``: the chunks of the walk whose index has parity ``wg``; then consumer 0 stores dK and
-    consumer 1 dV, each adding the other's partial sum."""
+                  STAGES: gl.constexpr):
+    """Consumer warpgroup ``wg``: dK and dV of tile ``wg`` of the pair over every chunk of the joint walk that its own
+    walk holds (interior ones unmasked); the others it only releases."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_DIM, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    if wg == 0:
+        k_pos0 = pos_a
+        mine = ok_a
+    else:
+        k_pos0 = pos_b
+        mine = ok_b
     k_pos = k_pos0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    k_t = k_smem.index(wg)
+    v_t = v_smem.index(wg)
     mbarrier.wait(kv_bar, 0)
-    base = 0  # chunks of the walk before this head's
+    it = 0
     for g in range(0, group):
         h = kvh * group + g
         pat = gl.load(HEAD_TO_PAT + h)
+        lo, n = _union_walk(RESIDUES, pat, pos_a, pos_b, ok_a, ok_b, first_block, kv_end, past, local_blocks,
+                            vert_stride, BS, BLOCK_M, BLOCK_N)
         q_lo, n_tot, c0, c1, hi_b = _col_chunks(RESIDUES, RESIDUES, RESIDUES, pat, k_pos0, first_block, kv_end,
                                                 past, local_blocks, vert_stride, BS, BLOCK_M, BLOCK_N, True)
-        n_int = c1 - c0
-        for i in range((wg + base) % 2, n_int, 2):
-            dk, dv = _dkdv_chunk(base + i, q_lo + (c0 + i) * BLOCK_M, dk, dv, k_smem, v_smem, q_smem, do_smem,
-                                 lse_smem, delta_smem, ready, empty, qk_scale, k_pos, hi_b, first_block,
-                                 False, DV_FIRST, BS, BLOCK_M, BLOCK_N, STAGES, s_layout, a_layout)
-        for i in range(n_int + (wg + base + n_int) % 2, n_tot, 2):
-            dk, dv = _dkdv_chunk(base + i, _chunk_pos(i, n_int, q_lo, c0, c1, BLOCK_M), dk, dv, k_smem, v_smem,
-                                 q_smem, do_smem, lse_smem, delta_smem, ready, empty, qk_scale, k_pos, hi_b,
-                                 first_block, True, DV_FIRST, BS, BLOCK_M, BLOCK_N, STAGES, s_layout, a_layout)
-        base += n_tot
-    # each consumer hands the other the partial sum that one stores (consumer 0 stores dK, consumer 1 dV), through
-    # the Q and dO rings once both consumers are done with them
-    mbarrier.arrive(red_bar.index(2), count=1)
-    mbarrier.wait(red_bar.index(2), 0)
-    red_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-    dk_red = q_smem._reinterpret(gl.float32, [BLOCK_N, HEAD_DIM], red_layout)
-    dv_red = do_smem._reinterpret(gl.float32, [BLOCK_N, HEAD_DIM], red_layout)
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    row = seq_start + k_pos0 + rows
-    ok = ((k_pos0 + rows) < kv_end)[:, None]
-    off_b = b.to(gl.int64)
-    if wg == 0:
-        dv_red.store(dv)
-        _partition_barrier()  # every thread's part is in shared memory before the (single-thread) arrive
-        mbarrier.arrive(red_bar.index(1), count=1)
-        mbarrier.wait(red_bar.index(0), 0)
-        dk = (dk + dk_red.load(acc_layout)) * sm_scale
+        for i in range(0, n):
+            pos = lo + i * BLOCK_M
+            c = (pos - q_lo) // BLOCK_M  # q_lo and pos are multiples of BLOCK_M
+            if mine & (c >= c0) & (c < c1):
+                dk, dv = _dkdv_chunk(it, pos, dk, dv, k_t, v_t, q_smem, do_smem, lse_smem, delta_smem, ready,
+                                     empty, qk_scale, k_pos, hi_b, first_block, False, BS, BLOCK_M,
+                                     BLOCK_N, STAGES, s_layout, a_layout)
+            elif mine & (c >= 0) & (c < n_tot):
+                dk, dv = _dkdv_chunk(it, pos, dk, dv, k_t, v_t, q_smem, do_smem, lse_smem, delta_smem, ready,
+                                     empty, qk_scale, k_pos, hi_b, first_block, True, BS, BLOCK_M,
+                                     BLOCK_N, STAGES, s_layout, a_layout)
+            else:  # not in this tile's walk: release the slot
+                mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
+                mbarrier.arrive(empty.index(it % STAGES), count=1)
+            it += 1
+    if mine:
+        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        row = seq_start + k_pos0 + rows
+        ok = ((k_pos0 + rows) < kv_end)[:, None]
+        off_b = b.to(gl.int64)
         gl.store(DK + off_b * stride_dkb + kvh * stride_dkh + row[:, None] * stride_dks + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=ok)
-    else:
-        dk_red.store(dk)
-        _partition_barrier()
-        mbarrier.arrive(red_bar.index(0), count=1)
-        mbarrier.wait(red_bar.index(1), 0)
-        dv = dv_red.load(acc_layout) + dv
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
         gl.store(DV + off_b * stride_dvb + kvh * stride_dvh + row[:, None] * stride_dvs + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=ok)
 
 
 @gluon.jit
 def _dkdv_load(K_DESC, V_DESC, Q_DESC, DO_DESC, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-               ready, empty, kv_bar, HEAD_TO_PAT, RESIDUES, b, kvh, k_pos0, kv_row0, q_row0, seq_start, kv_end, past,
-               stride_qh, stride_doh, stride_kh, stride_vh, stride_lb, stride_lh, first_block, group, local_blocks,
-               vert_stride, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr, STAGES: gl.constexpr):
-    """Producer warp: K and V of the key tile, then Q and dO of every chunk of the walk, in the consumers' order,
-    with the chunk's lse (base 2; +inf on rows outside the queries, so that P = 0 there) and Delta."""
-    mbarrier.expect(kv_bar, K_DESC.block_type.nbytes + V_DESC.block_type.nbytes)
-    tma.async_copy_global_to_shared(K_DESC, [(kv_row0 + k_pos0).to(gl.int32), kvh * stride_kh], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(V_DESC, [(kv_row0 + k_pos0).to(gl.int32), kvh * stride_vh], kv_bar, v_smem)
+               ready, empty, kv_bar, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b, kv_row0, q_row0,
+               seq_start, kv_end, past, stride_qh, stride_doh, stride_kh, stride_vh, stride_lb, stride_lh,
+               first_block, group, local_blocks, vert_stride,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr, STAGES: gl.constexpr):
+    """Producer warp: K and V of both tiles, then every chunk of the joint walk in ascending order (Q, dO, lse in
+    base 2 with +inf outside the queries, Delta)."""
+    mbarrier.expect(kv_bar, 2 * (K_DESC.block_type.nbytes + V_DESC.block_type.nbytes))
+    row_a = (kv_row0 + pos_a).to(gl.int32)
+    row_b = (kv_row0 + gl.where(ok_b, pos_b, pos_a)).to(gl.int32)
+    tma.async_copy_global_to_shared(K_DESC, [row_a, kvh * stride_kh], kv_bar, k_smem.index(0))
+    tma.async_copy_global_to_shared(V_DESC, [row_a, kvh * stride_vh], kv_bar, v_smem.index(0))
+    tma.async_copy_global_to_shared(K_DESC, [row_b, kvh * stride_kh], kv_bar, k_smem.index(1))
+    tma.async_copy_global_to_shared(V_DESC, [row_b, kvh * stride_vh], kv_bar, v_smem.index(1))
     rows: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     offs = gl.arange(0, BLOCK_M, layout=rows)
     it = 0
     for g in range(0, group):
         h = kvh * group + g
         pat = gl.load(HEAD_TO_PAT + h)
-        q_lo, n_tot, c0, c1, hi_b = _col_chunks(RESIDUES, RESIDUES, RESIDUES, pat, k_pos0, first_block, kv_end,
-                                                past, local_blocks, vert_stride, BS, BLOCK_M, BLOCK_N, True)
+        lo, n = _union_walk(RESIDUES, pat, pos_a, pos_b, ok_a, ok_b, first_block, kv_end, past, local_blocks,
+                            vert_stride, BS, BLOCK_M, BLOCK_N)
         l_off = b.to(gl.int64) * stride_lb + h * stride_lh + seq_start - past
-        for i in range(0, n_tot):
+        for i in range(0, n):
             slot = it % STAGES
-            pos = _chunk_pos(i, c1 - c0, q_lo, c0, c1, BLOCK_M)
+            pos = lo + i * BLOCK_M
             q_ok = (pos + offs >= past) & (pos + offs < kv_end)
             lse2 = gl.load(LSE + l_off + pos + offs, mask=q_ok, other=float("inf")) * _LOG2E
             delta = gl.load(DELTA + l_off + pos + offs, mask=q_ok, other=0.0)
@@ -195,36 +241,34 @@ def s2_dkdv_hopper_kernel(
     Q_DESC, K_DESC, V_DESC, DO_DESC, DK, DV, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
     stride_qh, stride_kh, stride_vh, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
     stride_dvh, stride_lb, stride_lh,
-    sm_scale, qk_scale, q_len, kv_len, first_block, num_kv_heads, group, local_blocks, vert_stride, q_rows_b,
-    kv_rows_b,
+    sm_scale, qk_scale, q_len, kv_len, first_block, num_kv_heads, num_pairs, group, local_blocks, vert_stride,
+    q_rows_b, kv_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
     STAGES: gl.constexpr, VARLEN: gl.constexpr, HEADS_FASTEST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr, DV_FIRST: gl.constexpr,
-    num_warps: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """dK/dV of one 64-key tile of one kv head, summed over the query heads of its GQA group in order; grid and
-    program order as the Triton kernel's (``HEADS_FASTEST``)."""
-    gl.static_assert(BLOCK_N == 64, "one consumer warpgroup holds the 64 keys of the tile")
-    gl.static_assert(STAGES * BLOCK_M >= 2 * BLOCK_N, "a ring holds one float32 partial sum at the end")
-    # with an even ring each slot belongs to one consumer (chunk parity), which waits on its phases in order; with an
-    # odd one a consumer could wait on the parity of a slot's next fill while the other's fill is still pending
-    gl.static_assert(STAGES % 2 == 0, "an even number of ring slots")
+    """dK/dV of a pair of 64-key tiles of one kv head (one per consumer warpgroup, walks of similar length, see
+    :func:`_pair_tiles`), summed over the query heads of its GQA group in order; the producer streams the joint walk
+    once for both."""
+    gl.static_assert(BLOCK_N == 64, "one consumer warpgroup holds the 64 keys of its tile")
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    gl.static_assert(BS == BLOCK_N or BS == 2 * BLOCK_N, "layout blocks of one or two tiles")
     if HEADS_FASTEST:
         kvh = gl.program_id(0) % num_kv_heads
-        k_pos0 = (gl.program_id(0) // num_kv_heads) * BLOCK_N
+        p = gl.program_id(0) // num_kv_heads
     else:
-        key_tiles = (kv_len + BLOCK_N - 1) // BLOCK_N
-        kvh = gl.program_id(0) // key_tiles
-        k_pos0 = (gl.program_id(0) % key_tiles) * BLOCK_N
+        kvh = gl.program_id(0) // num_pairs
+        p = gl.program_id(0) % num_pairs
     b = gl.program_id(1)
     seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
-    if k_pos0 < kv_end:
+    r = gl.load(RESIDUES + gl.load(HEAD_TO_PAT + kvh * group))  # the pairing follows the group's first head
+    pos_a, pos_b, ok_a, ok_b = _pair_tiles(p, r, kv_end, vert_stride, BS, BLOCK_N)
+    if ok_a:
         kv_row0 = b * kv_rows_b + seq_start
         q_row0 = b * q_rows_b + seq_start - past  # token row of query position 0
         dtype: gl.constexpr = Q_DESC.dtype
-        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], K_DESC.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], V_DESC.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], K_DESC.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], V_DESC.layout)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], Q_DESC.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], DO_DESC.layout)
         vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
@@ -233,52 +277,48 @@ def s2_dkdv_hopper_kernel(
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        red_bar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
         mbarrier.init(kv_bar, count=1)
-        mbarrier.init(red_bar.index(0), count=1)
-        mbarrier.init(red_bar.index(1), count=1)
-        mbarrier.init(red_bar.index(2), count=2)
         gl.warp_specialize([
-            (_dkdv_consume, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
-                             kv_bar, red_bar, DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, k_pos0, seq_start, kv_end, past,
-                             stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, sm_scale, qk_scale, first_block, group, local_blocks, vert_stride,
-                             HEAD_DIM, BLOCK_M, BLOCK_N, BS, STAGES, DV_FIRST)),
-            (_dkdv_consume, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
-                             kv_bar, red_bar, DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, k_pos0, seq_start, kv_end, past,
-                             stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, sm_scale, qk_scale, first_block, group, local_blocks, vert_stride,
-                             HEAD_DIM, BLOCK_M, BLOCK_N, BS, STAGES, DV_FIRST)),
+            (_dkdv_consume, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, kv_bar,
+                             DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b, seq_start, kv_end,
+                             past, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, sm_scale,
+                             qk_scale, first_block, group, local_blocks, vert_stride,
+                             HEAD_DIM, BLOCK_M, BLOCK_N, BS, STAGES)),
+            (_dkdv_consume, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, kv_bar,
+                             DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b, seq_start, kv_end,
+                             past, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, sm_scale,
+                             qk_scale, first_block, group, local_blocks, vert_stride,
+                             HEAD_DIM, BLOCK_M, BLOCK_N, BS, STAGES)),
             (_dkdv_load, (K_DESC, V_DESC, Q_DESC, DO_DESC, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                          delta_smem, ready, empty, kv_bar, HEAD_TO_PAT, RESIDUES, b, kvh, k_pos0, kv_row0, q_row0,
-                          seq_start, kv_end, past, stride_qh, stride_doh, stride_kh, stride_vh, stride_lb, stride_lh,
-                          first_block, group, local_blocks, vert_stride, BLOCK_M, BLOCK_N, BS, STAGES)),
+                          delta_smem, ready, empty, kv_bar, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b,
+                          kv_row0, q_row0, seq_start, kv_end, past, stride_qh, stride_doh, stride_kh, stride_vh,
+                          stride_lb, stride_lh, first_block, group, local_blocks, vert_stride,
+                          BLOCK_M, BLOCK_N, BS, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
         mbarrier.invalidate(kv_bar)
-        for i in gl.static_range(3):
-            mbarrier.invalidate(red_bar.index(i))
 
 
 @dataclass(frozen=True)
 class HopperDkdvTiles:
-    stages: int = 4           # Q/dO ring slots (32 KB each at head dim 128)
+    stages: int = 4           # Q/dO ring slots (32 KB each at head dim 128; with K/V of two tiles 195 KB)
     consumer_regs: int = 240  # registers per thread of each consumer warpgroup
     producer_regs: int = 24   # of the producer warp (what it releases is what the consumers take: 4 x 144 = 8 x 72)
     maxnreg: int = 168        # launch limit: 12 warps x 168 registers fill the register file, then redistributed
     block_m: int = 64         # query chunk
-    block_n: int = 64         # key tile: one consumer warpgroup's 64 rows
-    dv_first: int = 0         # issue dV += P^T dO before computing dS (overlap; otherwise dS first)
+    block_n: int = 64         # key tile: one consumer warpgroup's 64 rows (a CTA holds two)
 
 
-# the Triton kernel measured as fast or faster where a CTA's walk is short (H100, head dim 128, fwd+bwd): L16V16 at
-# 8k-32k (1162-1972 query rows per key tile, 0.96-1.01x), equal for L8V8 at block 128 and 32k (2940 rows); from 64k
-# (3003 rows) 1.11x, GQA 32/8 at 32k (4 x 1972) 1.03x, dense 32k 1.06-1.14x (bench/results/hopper_dkdv_*.md).
-# S2MEGATRON_HOPPER_BWD=1 takes this kernel for every call it can run, =0 never
-MIN_COL_ROWS = 2560
+# the Triton kernel measured as fast where a CTA's walk is short (H100, head dim 128, fwd+bwd): L16V16 at 8k (1162
+# query rows per key tile) 0.97-1.03x in three calls; from 16k (1446) 1.04-1.06x, 24k 1.11-1.14x, 32k 1.14-1.23x,
+# 64k-128k 1.09-1.10x, GQA 32/8 at 32k 1.08-1.10x, L8V8 at block 128 1.07-1.14x, dense 8k / 32k 1.08-1.10x / 1.07-1.10x
+# (bench/results/hopper_dkdv_*.md). S2MEGATRON_HOPPER_BWD=1 takes this kernel for every call it can run, =0 never
+MIN_COL_ROWS = 1300
 _broken: list = []  # the compile error, once the kernel failed to build in this process
 
 
@@ -331,17 +371,18 @@ def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta,
     q_desc, do_desc = (_descriptor(x, view, tiles.block_m, plan.head_dim) for x, view in zip((q, dout), views[:2]))
     k_desc, v_desc = (_descriptor(x, view, tiles.block_n, plan.head_dim) for x, view in zip((k, v), views[2:]))
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
-    grid = (-(-plan.kv_len // tiles.block_n) * plan.num_kv_heads, plan.batch)
+    blocks = -(-plan.kv_len // plan.block_size)
+    pairs = blocks if plan.block_size == 2 * tiles.block_n else -(-blocks // 2) + 1
     try:
-        s2_dkdv_hopper_kernel[grid](
+        s2_dkdv_hopper_kernel[(pairs * plan.num_kv_heads, plan.batch)](
             q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, cu, head_to_pattern, residues,
             sqh, skh, svh, sdoh, *qkv_strides(dk, plan.varlen), *qkv_strides(dv, plan.varlen),
             *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len, first_block,
-            plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[2][2],
+            plan.num_kv_heads, pairs, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[2][2],
             HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
             STAGES=tiles.stages, VARLEN=plan.varlen, HEADS_FASTEST=heads_fastest,
-            CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
-            DV_FIRST=bool(tiles.dv_first), num_warps=4, maxnreg=tiles.maxnreg)
+            CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs, num_warps=4,
+            maxnreg=tiles.maxnreg)
     except CompilationError as err:  # another Triton version: the Triton kernel from now on
         _broken.append(err)
         warnings.warn(f"S2 Hopper dK/dV failed to compile, using the Triton kernel instead: {err}")
