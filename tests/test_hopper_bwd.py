@@ -50,10 +50,10 @@ def sm90(monkeypatch):
 def test_which_calls_take_the_hopper_dkdv(sm90, monkeypatch):
     q = torch.empty(1, dtype=torch.bfloat16)
     assert hopper_bwd.hopper_dkdv_tiles(_plan(), q) == hopper_bwd.HopperDkdvTiles()
-    assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=16384, head_dim=64), q.half()) is not None
-    assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=8192, group=4), q) is not None  # GQA: 4 heads per walk
-    assert hopper_bwd.hopper_dkdv_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=4096), q) is not None  # dense
-    for over in (dict(kv_len=8192), dict(analytic=False), dict(merge_q=False), dict(block_size=32),
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=8192, head_dim=64), q.half()) is not None
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=2048, group=4), q) is not None  # GQA: 4 heads per walk
+    assert hopper_bwd.hopper_dkdv_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=2048), q) is not None  # dense
+    for over in (dict(kv_len=4096), dict(analytic=False), dict(merge_q=False), dict(block_size=32),
                  dict(block_size=256), dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu"))):
         assert hopper_bwd.hopper_dkdv_tiles(_plan(**over), q) is None, over
     assert hopper_bwd.hopper_dkdv_tiles(_plan(), q.float()) is None

@@ -314,11 +314,12 @@ class HopperDkdvTiles:
     block_n: int = 64         # key tile: one consumer warpgroup's 64 rows (a CTA holds two)
 
 
-# the Triton kernel measured as fast where a CTA's walk is short (H100, head dim 128, fwd+bwd): L16V16 at 8k (1162
-# query rows per key tile) 0.97-1.03x in three calls; from 16k (1446) 1.04-1.06x, 24k 1.11-1.14x, 32k 1.14-1.23x,
-# 64k-128k 1.09-1.10x, GQA 32/8 at 32k 1.08-1.10x, L8V8 at block 128 1.07-1.14x, dense 8k / 32k 1.08-1.10x / 1.07-1.10x
-# (bench/results/hopper_dkdv_*.md). S2MEGATRON_HOPPER_BWD=1 takes this kernel for every call it can run, =0 never
-MIN_COL_ROWS = 1300
+# measured on an H100 (head dim 128, fwd+bwd against the Triton dK/dV): L16V16 at 8k (1162 query rows per key tile)
+# 0.97-1.10x over seven runs (the Triton kernel's 8k time varies more: 1.52-1.68 ms, this one's 1.52-1.54), 16k
+# (1446) 1.04-1.09x, 24k 1.11-1.14x, 32k 1.13-1.23x, 64k-128k 1.09-1.11x, GQA 32/8 at 32k 1.08-1.10x, L8V8 at block
+# 128 1.07-1.14x, dense 8k / 32k 1.07-1.10x (bench/results/hopper_dkdv_*.md); shorter walks were not measured.
+# S2MEGATRON_HOPPER_BWD=1 takes this kernel for every call it can run, =0 never
+MIN_COL_ROWS = 1024
 _broken: list = []  # the compile error, once the kernel failed to build in this process
 
 

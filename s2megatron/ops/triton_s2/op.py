@@ -26,10 +26,13 @@ from .rows import qkv_strides as _qkv_strides
 from .rows import row_view
 
 try:  # the Hopper kernels need Gluon (Triton 3.5 and later)
-    from . import hopper_bwd as _hopper_bwd
     from . import hopper_fwd as _hopper
 except ImportError:
-    _hopper = _hopper_bwd = None
+    _hopper = None
+try:  # and, for the dK/dV, a partition barrier (gl.barrier or gl.thread_barrier)
+    from . import hopper_bwd as _hopper_bwd
+except (ImportError, AttributeError):
+    _hopper_bwd = None
 
 _LAYOUTS: dict = {}    # key -> layout
 _KEYS: dict = {}       # layout -> key (equal layouts share a key)
