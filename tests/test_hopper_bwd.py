@@ -15,6 +15,8 @@ from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.compiler.errors import CompilationError  # noqa: E402
 
 from s2megatron.ops.triton_s2 import hopper_bwd  # noqa: E402
@@ -24,6 +26,17 @@ from s2megatron.sparsity import S2Layout, get_metadata  # noqa: E402
 
 _kernels = interpreted(_kernels, "s2_fwd_kernel")  # the CPU test of the op runs the Triton kernels
 _interpreter_env = _ENV.fixture()
+_pair_tiles = _kernels._pair_tiles
+
+
+@triton.jit
+def _pairs_kernel(R, OUT, kv_end, vert_stride, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    p = tl.program_id(0)
+    pos_a, pos_b, ok_a, ok_b = _pair_tiles(p, tl.load(R), kv_end, vert_stride, BS, BLOCK_N)
+    tl.store(OUT + 4 * p, pos_a)
+    tl.store(OUT + 4 * p + 1, pos_b)
+    tl.store(OUT + 4 * p + 2, ok_a.to(tl.int32))
+    tl.store(OUT + 4 * p + 3, ok_b.to(tl.int32))
 
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
@@ -80,6 +93,33 @@ def test_col_rows_is_the_column_lists_length(layout, kv_len, heads):
     residues = tuple(patterns.residues[p] for p in patterns.head_to_pattern)
     got = hopper_bwd.col_rows(residues, layout.local_blocks, layout.vert_stride, layout.block_size, kv_len)
     assert got == pytest.approx(layout.block_size * sum(kept) / (heads * blocks))
+
+
+@pytest.mark.parametrize("block,vert_stride,residue,kv_end", [
+    (64, 16, 3, 64 * 40 - 17), (64, 16, 15, 64 * 7), (64, 16, 0, 64 * 33), (64, 5, 4, 64 * 21 + 1),
+    (64, 2, 1, 64 * 9), (64, 1, 0, 64 * 11 - 5), (64, 16, -1, 64 * 5), (64, 3, 2, 64), (64, 4, 0, 64 * 2),
+    (128, 8, 3, 128 * 9 - 70), (128, 1, 0, 128 * 4)])
+def test_pairs_cover_every_key_tile_once(block, vert_stride, residue, kv_end):
+    """The Hopper dK/dV's pairing (kernels._pair_tiles, run under the interpreter over the launcher's pair count):
+    every 64-key tile below the sequence end belongs to exactly one pair; at block 64 both tiles of a pair are
+    stripes or both are not, stripe pairs come first, and a second tile exists only with a first."""
+    blocks = -(-kv_end // block)
+    pairs = blocks if block == 128 else -(-blocks // 2) + 1  # as hopper_dkdv launches
+    out = torch.full((pairs, 4), -7, dtype=torch.int32)
+    _pairs_kernel[(pairs,)](torch.tensor([residue], dtype=torch.int32), out, kv_end, vert_stride, BS=block,
+                            BLOCK_N=64)
+    tiles = []
+    classes = []
+    for pos_a, pos_b, ok_a, ok_b in out.tolist():
+        assert ok_a or not ok_b
+        pair = [pos for pos, ok in ((pos_a, ok_a), (pos_b, ok_b)) if ok]
+        tiles += pair
+        if block == 64 and pair:
+            stripe = [residue < 0 or (pos // 64) % vert_stride == residue for pos in pair]
+            assert len(set(stripe)) == 1, (pair, stripe)
+            classes.append(stripe[0])
+    assert sorted(tiles) == list(range(0, kv_end, 64))
+    assert classes == sorted(classes, reverse=True)  # stripe pairs (True) before the others
 
 
 def test_compile_failure_falls_back_to_the_triton_kernel(sm90, monkeypatch):

@@ -45,7 +45,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from .hopper_fwd import _descriptor, _is_sm90
-from .kernels import _LOG2E, _col_chunks, _seq_bounds
+from .kernels import _LOG2E, _col_chunks, _pair_tiles, _seq_bounds
 from .rows import lse_strides, qkv_strides, row_view
 
 # the CTA barrier (within a warp-specialised partition: that partition's warps) is gl.barrier from Triton 3.7 on
@@ -78,41 +78,6 @@ def _dkdv_chunk(it, pos, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem, delt
     dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
     mbarrier.arrive(empty.index(slot), count=1)
     return dk, dv
-
-
-@gluon.jit
-def _pair_tiles(p, r, kv_end, vert_stride, BS: gl.constexpr, BLOCK_N: gl.constexpr):
-    """First key positions of the two 64-key tiles of pair ``p`` and whether each exists. Block 128: the two halves
-    of layout block ``p``. Block 64 (one tile per block): pairs of the kv head's stripes (residue ``r``; every block
-    of a dense head, ``r < 0``) first, then pairs of its other blocks, so that both tiles of a pair have walks of
-    about the same length (a stripe runs to the last query block, any other block for ``L`` query blocks)."""
-    blocks = (kv_end + BS - 1) // BS
-    if BS == 2 * BLOCK_N:
-        pos_a = p * BS
-        pos_b = pos_a + BLOCK_N
-    else:
-        dense = (r < 0) | (vert_stride == 1)
-        rr = gl.where(r < 0, 0, r)
-        n_s = gl.where(dense, blocks, gl.where(rr < blocks, (blocks - rr + vert_stride - 1) // vert_stride, 0))
-        p_s = (n_s + 1) // 2
-        k = gl.where(p < p_s, 2 * p, 2 * (p - p_s))
-        vm1 = gl.maximum(vert_stride - 1, 1)
-        # k-th stripe, k-th other block (each group of V blocks holds V - 1 others: all but the stripe r)
-        stripe_a = gl.where(dense, k, rr + k * vert_stride)
-        stripe_b = gl.where(dense, k + 1, rr + (k + 1) * vert_stride)
-        m_a = k % vm1
-        m_b = (k + 1) % vm1
-        other_a = (k // vm1) * vert_stride + m_a + (m_a >= rr).to(gl.int32)
-        other_b = ((k + 1) // vm1) * vert_stride + m_b + (m_b >= rr).to(gl.int32)
-        pos_a = gl.where(p < p_s, stripe_a, other_a) * BS
-        pos_b = gl.where(p < p_s, stripe_b, other_b) * BS
-        # pairs of other blocks end at blocks - n_s others; a pair index past both lists has no tile
-        n_o = blocks - n_s
-        ok_a = (p < p_s) | (k < n_o)
-        ok_b = gl.where(p < p_s, k + 1 < n_s, k + 1 < n_o)
-        pos_a = gl.where(ok_a, pos_a, kv_end)
-        pos_b = gl.where(ok_b, pos_b, kv_end)
-    return pos_a, pos_b, pos_a < kv_end, pos_b < kv_end
 
 
 @gluon.jit

@@ -253,6 +253,42 @@ def _col_chunks(COL_ROWS, RESIDUES, cp, pat, k_pos0, first_block, kv_end, past, 
 
 
 @triton.jit
+def _pair_tiles(p, r, kv_end, vert_stride, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the Hopper dK/dV (``hopper_bwd``), whose CTAs hold two key tiles: the first key positions of the two
+    ``BLOCK_N``-key tiles of pair ``p`` and whether each exists. Block ``2 * BLOCK_N``: the two halves of layout
+    block ``p``. Block ``BLOCK_N``: pairs of the kv head's stripes (residue ``r``; every block of a dense head,
+    ``r < 0``) first, then pairs of its other blocks, so that both tiles of a pair have walks of about the same length
+    (a stripe runs to the last query block, any other block for ``L`` query blocks)."""
+    blocks = (kv_end + BS - 1) // BS
+    if BS == 2 * BLOCK_N:
+        pos_a = p * BS
+        pos_b = pos_a + BLOCK_N
+    else:
+        dense = (r < 0) | (vert_stride == 1)
+        rr = tl.where(r < 0, 0, r)
+        n_s = tl.where(dense, blocks, tl.where(rr < blocks, (blocks - rr + vert_stride - 1) // vert_stride, 0))
+        p_s = (n_s + 1) // 2
+        k = tl.where(p < p_s, 2 * p, 2 * (p - p_s))
+        vm1 = tl.maximum(vert_stride - 1, 1)
+        # k-th stripe, k-th other block (each group of V blocks holds V - 1 others: all but the stripe r)
+        stripe_a = tl.where(dense, k, rr + k * vert_stride)
+        stripe_b = tl.where(dense, k + 1, rr + (k + 1) * vert_stride)
+        m_a = k % vm1
+        m_b = (k + 1) % vm1
+        other_a = (k // vm1) * vert_stride + m_a + (m_a >= rr).to(tl.int32)
+        other_b = ((k + 1) // vm1) * vert_stride + m_b + (m_b >= rr).to(tl.int32)
+        pos_a = tl.where(p < p_s, stripe_a, other_a) * BS
+        pos_b = tl.where(p < p_s, stripe_b, other_b) * BS
+        # pairs of other blocks end at blocks - n_s others; a pair index past both lists has no tile
+        n_o = blocks - n_s
+        ok_a = (p < p_s) | (k < n_o)
+        ok_b = tl.where(p < p_s, k + 1 < n_s, k + 1 < n_o)
+        pos_a = tl.where(ok_a, pos_a, kv_end)
+        pos_b = tl.where(ok_b, pos_b, kv_end)
+    return pos_a, pos_b, pos_a < kv_end, pos_b < kv_end
+
+
+@triton.jit
 def _fast_split(n_ent, w0, w1, w2, w3, width, ROWS: tl.constexpr):
     """Split an S2 row walk (``_row_walk`` ANALYTIC output) into interior entries, which every row of the tile keeps
     and which lie entirely below it (the stripes, then the local blocks from ``mid_start`` up to the tile), and the
