@@ -15,11 +15,10 @@ holds two 64-key tiles, one per consumer warpgroup:
   scheduler runs one consumer's elementwise work while the other's products use the tensor cores. Each stores its
   own tile's dK and dV.
 
-The two tiles share each chunk's loads, so their walks should coincide (:func:`_pair_tiles`): at block 128 they are the
-halves of one layout block (the same walk); at block 64 a kv head's stripes are paired with each other (walks to the
-last query block, ``V`` blocks apart) and its other blocks with each other (walks of ``L`` query blocks, one or two
-apart). Paired this way, each walk is a CTA's length per pair rather than per tile, and Q and dO are read half as
-often as by one tile per CTA.
+The two tiles share each chunk's loads, so their walks should coincide (``kernels._pair_tiles``): at block 128 they
+are the halves of one layout block (the same walk); at block 64 a kv head's stripes are paired with each other (walks
+to the last query block, ``V`` blocks apart) and its other blocks with each other (walks of ``L`` query blocks, one
+or two apart). Paired this way, each consumer has a whole walk to itself, and Q and dO are read once per pair.
 
 The walk and the masks are the Triton kernel's, from the same helper (``_col_chunks``): the interior chunks (every
 query row at or after every key of the tile, inside the run and the queries) unmasked, the diagonal chunks and the
