@@ -187,8 +187,33 @@ def test_determinism_bitwise():
         assert torch.equal(a, b)
 
 
-def test_cuda_graph_capture():
-    """Forward + backward capture in a CUDA graph (no host-device synchronisation once metadata is cached)."""
+def _force_hopper(kernels, monkeypatch):
+    """With ``kernels == "hopper"`` on sm_90: the warp-specialised forward and dK/dV at any length, counted; returns
+    the list their launchers append to (empty otherwise)."""
+    launched = []
+    if kernels == "hopper":
+        if not _sm90():
+            pytest.skip("the Hopper kernels run on sm_90")
+        from s2megatron.ops.triton_s2 import op as _op
+        for mod, name in ((_op._hopper, "hopper_forward"), (_op._hopper_bwd, "hopper_dkdv")):
+            real = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, real=real, name=name: launched.append((name, real(*a)))
+                                or launched[-1][1])
+        monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")
+        monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "1")
+    return launched
+
+
+def _assert_hopper_ran(kernels, launched):
+    if kernels == "hopper":
+        assert {name for name, ok in launched if ok} == {"hopper_forward", "hopper_dkdv"}, launched
+
+
+@pytest.mark.parametrize("kernels", ["default", "hopper"])
+def test_cuda_graph_capture(kernels, monkeypatch):
+    """Forward + backward capture in a CUDA graph (no host-device synchronisation once metadata is cached), with
+    the default kernels and with the warp-specialised Hopper kernels."""
+    launched = _force_hopper(kernels, monkeypatch)
     gen = torch.Generator(device=DEV).manual_seed(2)
     lay = S2Layout(64, 4, 8)
     q, k, v = (_randn((1, 2048, 4, 128), torch.bfloat16, gen) for _ in range(3))
@@ -213,12 +238,15 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(static, eager):
         assert torch.equal(a, b)
+    _assert_hopper_ran(kernels, launched)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_tensors_on_a_device_that_is_not_current():
+@pytest.mark.parametrize("kernels", ["default", "hopper"])
+def test_tensors_on_a_device_that_is_not_current(kernels, monkeypatch):
     """Triton launches on the current device: tensors on cuda:1 while cuda:0 is current still get the reference
-    result, forward and backward."""
+    result, forward and backward, with the default kernels and with the warp-specialised Hopper kernels."""
+    launched = _force_hopper(kernels, monkeypatch)
     lay = S2Layout(64, 2, 3)
     gen = torch.Generator().manual_seed(5)
     q, k, v, dout = (torch.randn(1, 700, 4, 128, generator=gen).to(torch.bfloat16) for _ in range(4))
@@ -232,6 +260,7 @@ def test_tensors_on_a_device_that_is_not_current():
     assert out.device == torch.device("cuda", 1)
     for got, want in zip((out, *grads), (ref, *ref_grads)):
         assert rel_err(got.cpu(), want.detach()) < REL_TOL
+    _assert_hopper_ran(kernels, launched)
 
 
 # --------------------------------------------------------------------- reference-library defects (s2_anchor.md)
