@@ -25,7 +25,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from report import pyplot, write_markdown  # noqa: E402
+from report import card_tag, pyplot, write_markdown  # noqa: E402
 from s2megatron.ops.triton_s2 import config as tile_cfg  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout, build_metadata, get_metadata  # noqa: E402
@@ -202,7 +202,7 @@ def metadata_times(layout):
 
 
 def write_outputs(out_dir, card, echo=False):
-    tag = card.replace("NVIDIA ", "").replace(" ", "_")
+    tag = card_tag(card)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"attention_{tag}.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)

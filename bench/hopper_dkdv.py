@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from report import card_tag, write_markdown  # noqa: E402
 from s2megatron.ops.triton_s2 import hopper_bwd  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
@@ -111,7 +112,7 @@ def main():
     for n in (8192, 32768):  # causal fwd + bwd: 3.5x the forward's 2 matrix products
         rows.append(row("dense (vert_stride 1)", S2Layout(64, 1, 1), n, variants,
                         flops=3.5 * 4 * 32 * n * n * 128 / 2))
-    tag = card.replace("NVIDIA ", "").replace(" ", "_")
+    tag = card_tag(card)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"hopper_dkdv_{tag}.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
@@ -132,9 +133,7 @@ def main():
         diff = max(h["rel_diff"] for h in r["hopper"].values())
         lines.append(f"| {r['name']} | {r['seq']} | {r['triton_ms']:.3f}{tf} | " + " | ".join(cells) +
                      f" | {diff:.1e} |")
-    with open(os.path.join(args.out, f"hopper_dkdv_{tag}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(os.path.join(args.out, f"hopper_dkdv_{tag}.md"), lines)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from report import card_tag, write_markdown  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
@@ -77,7 +78,7 @@ def main():
     rows.append(row("L8V8 block 128", S2Layout(128, 8, 8), 32768))
     for n in (8192, 32768):
         rows.append(row("dense (vert_stride 1)", S2Layout(64, 1, 1), n, flops=4 * 32 * n * n * 128 / 2))  # causal
-    tag = card.replace("NVIDIA ", "").replace(" ", "_")
+    tag = card_tag(card)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"hopper_forward_{tag}.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
@@ -91,9 +92,7 @@ def main():
         ran = "" if r["hopper_ran"] else " (Hopper kernel did not run)"
         lines.append(f"| {r['name']} | {r['seq']} | {r['triton_ms']:.3f} | {r['hopper_ms']:.3f}{ran} | "
                      f"{r['speedup']:.2f}x | {tf} | {r['rel_diff']:.1e} |")
-    with open(os.path.join(args.out, f"hopper_forward_{tag}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(os.path.join(args.out, f"hopper_forward_{tag}.md"), lines)
 
 
 if __name__ == "__main__":

@@ -103,47 +103,42 @@ def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int
     return out
 
 
-def compile_hopper_forward(head_dim: int, block: int, tiles=None) -> dict:
-    """The warp-specialised Hopper forward (``hopper_fwd``), compiled for sm_90a as launched (bf16, 12 warps)."""
-    tiles = tiles or hopper_fwd.hopper_tiles()
-    fn = hopper_fwd.s2_fwd_hopper_kernel
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
-                      VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
-
+def _compile_gluon_sm90(fn, constexprs: dict, desc_rows, head_dim: int, maxnreg: int) -> dict:
+    """A warp-specialised Gluon kernel compiled for sm_90a as launched (bf16, 4 warps per partition, ``maxnreg``);
+    ``desc_rows(name)`` is the block height of tensor descriptor ``name``."""
     def desc_type(name):
-        rows = 64 if name == "Q_DESC" else min(block, tiles.block_n)
+        rows = desc_rows(name)
         layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
         return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
 
     sig, attrs = _signature(fn, constexprs, desc_type)
     compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "maxnreg": tiles.maxnreg})
+                              options={"num_warps": 4, "maxnreg": maxnreg})
     out = ptxas_report(compiled.asm["ptx"], 90)
     out["shared_bytes"] = compiled.metadata.shared
     out["warps"] = compiled.metadata.num_warps
     return out
+
+
+def compile_hopper_forward(head_dim: int, block: int, tiles=None) -> dict:
+    """The warp-specialised Hopper forward (``hopper_fwd``), compiled for sm_90a as launched (bf16, 12 warps)."""
+    tiles = tiles or hopper_fwd.hopper_tiles()
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
+                      VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
+    return _compile_gluon_sm90(hopper_fwd.s2_fwd_hopper_kernel, constexprs,
+                               lambda name: 64 if name == "Q_DESC" else min(block, tiles.block_n),
+                               head_dim, tiles.maxnreg)
 
 
 def compile_hopper_dkdv(head_dim: int, block: int, tiles=None) -> dict:
     """The warp-specialised Hopper dK/dV (``hopper_bwd``), compiled for sm_90a as launched (bf16, 12 warps)."""
     tiles = tiles or hopper_bwd.HopperDkdvTiles()
-    fn = hopper_bwd.s2_dkdv_hopper_kernel
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block,
                       STAGES=tiles.stages, VARLEN=False, HEADS_FASTEST=True, CONSUMER_REGS=tiles.consumer_regs,
                       PRODUCER_REGS=tiles.producer_regs, num_warps=4)
-
-    def desc_type(name):
-        rows = tiles.block_n if name in ("K_DESC", "V_DESC") else tiles.block_m
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
-        return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
-
-    sig, attrs = _signature(fn, constexprs, desc_type)
-    compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "maxnreg": tiles.maxnreg})
-    out = ptxas_report(compiled.asm["ptx"], 90)
-    out["shared_bytes"] = compiled.metadata.shared
-    out["warps"] = compiled.metadata.num_warps
-    return out
+    return _compile_gluon_sm90(hopper_bwd.s2_dkdv_hopper_kernel, constexprs,
+                               lambda name: tiles.block_n if name in ("K_DESC", "V_DESC") else tiles.block_m,
+                               head_dim, tiles.maxnreg)
 
 
 def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> dict:

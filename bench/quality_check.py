@@ -16,7 +16,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import pyplot, write_markdown  # noqa: E402
+from report import card_tag, pyplot, write_markdown  # noqa: E402
 VARIANTS = {"dense": ["sparsity=dense"], "s2_l16v16": ["sparsity=l16v16"], "hybrid": ["sparsity=hybrid"]}
 
 
@@ -76,7 +76,7 @@ def main():
         card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     except ImportError:
         pass
-    stem = os.path.join(args.out_dir, f"quality_{args.model}_{card.replace('NVIDIA ', '').replace(' ', '_')}")
+    stem = os.path.join(args.out_dir, f"quality_{args.model}_{card_tag(card)}")
     with open(stem + ".json", "w") as f:
         json.dump({"card": card, "args": vars(args), "runs": rows}, f, indent=1)
     lines = [f"# Quality check: {args.model}, {args.steps} steps x {args.global_batch} x {args.seq} tokens, {card}", "",

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+def card_tag(card: str) -> str:
+    """The GPU's name as a file-name part: ``NVIDIA H100 80GB HBM3`` -> ``H100_80GB_HBM3``."""
+    return card.replace("NVIDIA ", "").replace(" ", "_")
+
+
 def write_markdown(path: str, lines, echo: bool = True) -> None:
     """Write ``lines`` as a markdown file and (``echo``) print them."""
     with open(path, "w") as f:

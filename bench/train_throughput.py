@@ -27,7 +27,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import pyplot, write_markdown  # noqa: E402
+from report import card_tag, pyplot, write_markdown  # noqa: E402
 
 VARIANTS = {
     "dense_cudnn": (["sparsity=dense", "attention.backend=sdpa"], "CUDNN_ATTENTION"),
@@ -207,7 +207,7 @@ def run_point(args, seq, variant) -> dict:
 def write_report(rows, out_dir, tag=""):
     ok = [r for r in rows if "error" not in r]
     card = ok[0]["card"] if ok else "unknown"
-    slug = card.replace("NVIDIA ", "").replace(" ", "_")
+    slug = card_tag(card)
     model = rows[0]["model"]
     tag = tag.lstrip("_")
     stem = os.path.join(out_dir, f"train_throughput_{model}_{slug}{'_' + tag if tag else ''}")

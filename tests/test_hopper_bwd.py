@@ -19,7 +19,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.compiler.errors import CompilationError  # noqa: E402
 
-from s2megatron.ops.triton_s2 import hopper_bwd  # noqa: E402
+from s2megatron.ops.triton_s2 import hopper_bwd, hopper_fwd  # noqa: E402
 from s2megatron.ops.triton_s2 import kernels as _kernels  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.sparsity import S2Layout, get_metadata  # noqa: E402
@@ -56,7 +56,7 @@ def _plan(**over):
 @pytest.fixture
 def sm90(monkeypatch):
     monkeypatch.delenv("S2MEGATRON_HOPPER_BWD", raising=False)
-    monkeypatch.setattr(hopper_bwd, "_is_sm90", lambda index: True)
+    monkeypatch.setattr(hopper_fwd, "_is_sm90", lambda index: True)  # the scope check (hopper_fwd.hopper_runnable)
     monkeypatch.setattr(hopper_bwd, "_broken", [])
 
 
@@ -75,7 +75,7 @@ def test_which_calls_take_the_hopper_dkdv(sm90, monkeypatch):
     monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "0")
     assert hopper_bwd.hopper_dkdv_tiles(_plan(), q) is None
     monkeypatch.delenv("S2MEGATRON_HOPPER_BWD")
-    monkeypatch.setattr(hopper_bwd, "_is_sm90", lambda index: False)  # sm_80, or sm_100 (no wgmma)
+    monkeypatch.setattr(hopper_fwd, "_is_sm90", lambda index: False)  # sm_80, or sm_100 (no wgmma)
     assert hopper_bwd.hopper_dkdv_tiles(_plan(), q) is None
 
 
@@ -103,8 +103,7 @@ def test_pairs_cover_every_key_tile_once(block, vert_stride, residue, kv_end):
     """The Hopper dK/dV's pairing (kernels._pair_tiles, run under the interpreter over the launcher's pair count):
     every 64-key tile below the sequence end belongs to exactly one pair; at block 64 both tiles of a pair are
     stripes or both are not, stripe pairs come first, and a second tile exists only with a first."""
-    blocks = -(-kv_end // block)
-    pairs = blocks if block == 128 else -(-blocks // 2) + 1  # as hopper_dkdv launches
+    pairs = hopper_bwd.pair_count(kv_end, block, 64)  # as hopper_dkdv launches
     out = torch.full((pairs, 4), -7, dtype=torch.int32)
     _pairs_kernel[(pairs,)](torch.tensor([residue], dtype=torch.int32), out, kv_end, vert_stride, BS=block,
                             BLOCK_N=64)

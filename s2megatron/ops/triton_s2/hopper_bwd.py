@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-import torch
 from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .hopper_fwd import _descriptor, _is_sm90
+from .hopper_fwd import _descriptor, hopper_runnable
 from .kernels import _LOG2E, _col_chunks, _pair_tiles, _seq_bounds
 from .rows import lse_strides, qkv_strides, row_view
 
@@ -309,13 +308,7 @@ def hopper_dkdv_tiles(plan, q) -> Optional[HopperDkdvTiles]:
     ``MIN_COL_ROWS`` query rows per CTA (:func:`col_rows` times the GQA group), the kernel failed to compile
     earlier, or ``S2MEGATRON_HOPPER_BWD=0``."""
     mode = os.environ.get("S2MEGATRON_HOPPER_BWD", "auto")
-    if mode == "0" or _broken:
-        return None
-    if plan.device.type != "cuda" or not _is_sm90(plan.device.index):
-        return None
-    if not (plan.analytic and plan.merge_q) or plan.block_size not in (64, 128) or plan.head_dim not in (64, 128):
-        return None
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    if mode == "0" or _broken or not plan.merge_q or not hopper_runnable(plan, q):
         return None
     if mode != "1":
         patterns = plan.metadata(plan.cfg.block_m)[0].patterns  # cached per shape
@@ -324,6 +317,13 @@ def hopper_dkdv_tiles(plan, q) -> Optional[HopperDkdvTiles]:
         if plan.group * rows < MIN_COL_ROWS:
             return None
     return HopperDkdvTiles()
+
+
+def pair_count(kv_len: int, block_size: int, block_n: int) -> int:
+    """CTAs per kv head and sequence: every pair index ``kernels._pair_tiles`` can use (a layout block of two tiles
+    is one pair; at one tile per block, stripe and other pairs each round up, so at most ``blocks / 2 + 1``)."""
+    blocks = -(-kv_len // block_size)
+    return blocks if block_size == 2 * block_n else -(-blocks // 2) + 1
 
 
 def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, qk_scale,
@@ -336,8 +336,7 @@ def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta,
     q_desc, do_desc = (_descriptor(x, view, tiles.block_m, plan.head_dim) for x, view in zip((q, dout), views[:2]))
     k_desc, v_desc = (_descriptor(x, view, tiles.block_n, plan.head_dim) for x, view in zip((k, v), views[2:]))
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
-    blocks = -(-plan.kv_len // plan.block_size)
-    pairs = blocks if plan.block_size == 2 * tiles.block_n else -(-blocks // 2) + 1
+    pairs = pair_count(plan.kv_len, plan.block_size, tiles.block_n)
     try:
         s2_dkdv_hopper_kernel[(pairs * plan.num_kv_heads, plan.batch)](
             q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, cu, head_to_pattern, residues,

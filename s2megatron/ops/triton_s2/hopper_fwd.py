@@ -330,18 +330,22 @@ def row_keys(patterns, layout, kv_len: int) -> float:
     return layout.block_size * sum(kept) / len(kept)
 
 
+def hopper_runnable(plan, q) -> bool:
+    """Whether the call is in the Hopper kernels' scope (forward and dK/dV): an S2Layout of block 64 or 128, head dim
+    64 or 128, 16-bit tensors, on an sm_90 GPU."""
+    if plan.device.type != "cuda" or not _is_sm90(plan.device.index):
+        return False
+    if not plan.analytic or plan.block_size not in (64, 128) or plan.head_dim not in (64, 128):
+        return False
+    return q.dtype in (torch.float16, torch.bfloat16)
+
+
 def hopper_forward_tiles(plan, q) -> Optional[HopperTiles]:
     """The tiles of this kernel for the call, or None where the Triton forward runs instead: not an S2Layout with
     block 64 or 128, head dim not 64 or 128, not 16-bit, not an sm_90 GPU, rows shorter than ``MIN_ROW_KEYS`` kept
     keys (:func:`row_keys`), the kernel failed to compile earlier, or ``S2MEGATRON_HOPPER_FWD=0``."""
     mode = os.environ.get("S2MEGATRON_HOPPER_FWD", "auto")
-    if mode == "0" or _broken:
-        return None
-    if plan.device.type != "cuda" or not _is_sm90(plan.device.index):
-        return None
-    if not plan.analytic or plan.block_size not in (64, 128) or plan.head_dim not in (64, 128):
-        return None
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    if mode == "0" or _broken or not hopper_runnable(plan, q):
         return None
     patterns = plan.metadata(HopperTiles.block_m)[0].patterns  # cached per shape
     if mode != "1" and row_keys(patterns, plan.layout, plan.kv_len) < MIN_ROW_KEYS:
