@@ -297,11 +297,12 @@ def main():
     ap.add_argument("--variants", type=json.loads, default=None,
                     help="--sweep-configs variants as a JSON list of TileConfig overrides (default: SWEEP_VARIANTS)")
     ap.add_argument("--probe", action="store_true", help="one warm-up and one timed fwd+bwd at 32k (for ncu)")
+    ap.add_argument("--probe-seq", type=int, default=32768, help="the length of --probe")
     args = ap.parse_args()
     if args.probe:
         lay = S2Layout(64, 16, 16)
         for _ in range(2):
-            q, k, v = rand(B, 32768, H, D), rand(B, 32768, H, D), rand(B, 32768, H, D)
+            q, k, v = (rand(B, args.probe_seq, H, D) for _ in range(3))
             torch.autograd.grad(triton_s2_attention(q, k, v, lay, sm_scale=0.088), (q, k, v), torch.randn_like(q))
         torch.cuda.synchronize()
         return

@@ -48,15 +48,18 @@ def sm90(monkeypatch):
 
 def test_which_calls_take_the_hopper_forward(sm90, monkeypatch):
     q = torch.empty(1, dtype=torch.bfloat16)
-    assert hopper_fwd.hopper_forward_tiles(_plan(), q) == hopper_fwd.hopper_tiles()
+    assert hopper_fwd.hopper_forward_tiles(_plan(), q) == hopper_fwd.hopper_tiles()  # persistent: S2 rows
+    assert hopper_fwd.hopper_forward_tiles(_plan(kv_len=16384), q).persistent  # 1984 kept keys, 12 %
     assert hopper_fwd.hopper_forward_tiles(_plan(block_size=128, head_dim=64), q.half()) is not None
-    assert hopper_fwd.hopper_forward_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=8192), q) is not None  # dense
+    dense = hopper_fwd.hopper_forward_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=8192), q)
+    assert dense is not None and not dense.persistent  # every key kept: one CTA per query tile
     for over in (dict(kv_len=8192), dict(analytic=False), dict(block_size=32),
                  dict(block_size=256), dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu"))):
         assert hopper_fwd.hopper_forward_tiles(_plan(**over), q) is None, over
     assert hopper_fwd.hopper_forward_tiles(_plan(), q.float()) is None
     monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")  # any length
     assert hopper_fwd.hopper_forward_tiles(_plan(kv_len=100), q) is not None
+    assert hopper_fwd.hopper_forward_tiles(_plan(kv_len=8192), q).persistent  # 1472 kept keys, 18 %
     monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "0")
     assert hopper_fwd.hopper_forward_tiles(_plan(), q) is None
     monkeypatch.delenv("S2MEGATRON_HOPPER_FWD")
@@ -80,7 +83,8 @@ def test_compile_failure_falls_back_to_the_triton_forward(sm90, monkeypatch):
     def failing_launch(*args, **kwargs):
         raise CompilationError("k.py", None, "unsupported")
 
-    monkeypatch.setattr(hopper_fwd, "s2_fwd_hopper_kernel", {(1, 1, 1): failing_launch}, raising=True)
+    monkeypatch.setattr(hopper_fwd, "s2_fwd_hopper_kernel", {(1, ): failing_launch}, raising=True)
+    monkeypatch.setattr(hopper_fwd, "_sm_count", lambda index: 132, raising=True)
     monkeypatch.setattr(hopper_fwd, "_descriptor", lambda *args: None)
     plan = _plan(varlen=False, num_heads=1, batch=1, q_len=64, group=1, local_blocks=1, vert_stride=1,
                  metadata=lambda rows: (types.SimpleNamespace(num_tiles=1, first_block=0, head_to_pattern=None), None))

@@ -111,12 +111,25 @@ HOPPER += [dict(id=f"{mode}-B64-L4V8-d128-h8x2-S{length}-bfloat16", layout=S2Lay
            for i, (mode, length) in enumerate((("batch", 3001), ("varlen", 2600), ("prefix", 2900)))]
 
 
+def _hopper_grid(ctas, monkeypatch):
+    """The Hopper forward's grid: persistent with one CTA per SM (``ctas`` "sms"), persistent with 3 CTAs (as if the
+    GPU had 3 SMs: every CTA takes many query tiles one after the other, so the ring's and the barriers' phases carry
+    over between them), or one CTA per query tile ("items")."""
+    from s2megatron.ops.triton_s2 import hopper_fwd
+    monkeypatch.setattr(hopper_fwd, "PERSISTENT_ROW_SHARE", 0.0 if ctas == "items" else 2.0)
+    if ctas == 3:
+        monkeypatch.setattr(hopper_fwd, "_sm_count", lambda index: 3)
+
+
 @pytest.mark.skipif(not _sm90(), reason="the Hopper forward runs on sm_90")
+@pytest.mark.parametrize("ctas", ["sms", 3, "items"], ids=["grid-sms", "grid-3", "grid-items"])
 @pytest.mark.parametrize("case", HOPPER, ids=["hopper-" + c["id"] for c in HOPPER])
-def test_hopper_forward_sweep(case, monkeypatch):
+def test_hopper_forward_sweep(case, ctas, monkeypatch):
     """The warp-specialised forward at every length (S2MEGATRON_HOPPER_FWD=1), forward and the backward through its
-    out and lse, against the float64 reference; the test fails unless that kernel actually ran."""
+    out and lse, against the float64 reference; the test fails unless that kernel actually ran. With each grid
+    (:func:`_hopper_grid`)."""
     from s2megatron.ops.triton_s2 import op as _op
+    _hopper_grid(ctas, monkeypatch)
     launched = []
     real = _op._hopper.hopper_forward
     monkeypatch.setattr(_op._hopper, "hopper_forward", lambda *a: launched.append(real(*a)) or launched[-1])

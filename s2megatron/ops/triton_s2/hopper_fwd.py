@@ -3,7 +3,7 @@
 The Triton forward (``kernels.s2_fwd_kernel``) is latency bound on Hopper: in its ncu profile every scheduler holds
 two warps, under 0.6 of them eligible per cycle, and the tensor pipe is active 49 % of the time. Triton 3.6 cannot
 warp-specialise it (its automatic pass hangs on Hopper, see ``bench/warp_specialize_probe.py``), so this kernel
-does it by hand, one CTA per 128-row query tile:
+does it by hand. A CTA computes 128-row query tiles (work items: query tile, head, batch entry):
 
 - a producer warp issues the TMA copies: the two 64-row halves of the query tile, then the K/V tiles of the row walk
   into a ring of ``STAGES`` shared-memory slots (``ready`` barriers), each slot once both consumers have released
@@ -20,6 +20,14 @@ barrier round trips and the per-row reductions per key.
 Explicit turns for the two consumers' products (FA3's ping-pong, through mbarriers) measured slower, so the
 scheduler interleaves them freely (measurements: ``bench/results/attention_NOTES.md``).
 
+Grid: for S2 rows (under ``PERSISTENT_ROW_SHARE`` of the keys kept) one CTA per SM, each taking the work items
+``program_id, program_id + grid, ...``; the ring and its barriers carry over, so the next query tile and its first
+key tile load while the consumers finish the previous one (``q_free``: both consumers' last S product is done), and
+no CTA pays a launch and a cold pipeline per query tile. Dense layouts keep one CTA per query tile: their rows read
+the head's whole K/V prefix, and there the persistent grid measured slower (its CTAs drift apart in the item order,
+while the hardware starts CTAs in order; the cause was not profiled). A counter-based (dynamic) persistent schedule
+measured slower for S2 rows and equal for dense ones, and was not kept.
+
 The row walk and masks are the Triton forward's, from the same helpers (``_row_walk``, ``_fast_split``): the
 interior blocks of the S2 row walk (stripes, then the local blocks every row keeps) unmasked, then the first local
 blocks and the diagonal with the causal and per-row (Merge-Q) mask. Rows of a key tile past the sequence are rows of
@@ -33,6 +41,7 @@ measured faster). Everything else takes the Triton forward, as does every call o
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -74,24 +83,19 @@ def _tile_part(t, g, n_ent, BS: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _issue_kv(t, n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col,
-              K_DESC, V_DESC, k_smem, v_smem, ready,
-              BS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copies of K and V of key tile ``t`` into ring slot ``t % STAGES``, one copy per part (the descriptors'
-    block is a part: ``min(BS, BLOCK_N)`` rows); nothing when ``t >= n_all``."""
+def _issue_kv(t, slot, n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col,
+              K_DESC, V_DESC, k_smem, v_smem, ready, BS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """TMA copies of K and V of key tile ``t`` of the walk into ring slot ``slot``, one copy per part (the
+    descriptors' block is a part: ``min(BS, BLOCK_N)`` rows)."""
     PART: gl.constexpr = K_DESC.block_type.shape[0]
-    slot = t % STAGES
-    pred = t < n_all
     bar = ready.index(slot)
-    mbarrier.expect(bar, (BLOCK_N // PART) * (K_DESC.block_type.nbytes + V_DESC.block_type.nbytes), pred=pred)
+    mbarrier.expect(bar, (BLOCK_N // PART) * (K_DESC.block_type.nbytes + V_DESC.block_type.nbytes))
     for g in gl.static_range(BLOCK_N // PART):
         e, off = _tile_part(t, g, n_ent, BS, BLOCK_N)
         row = (kv_row0 + _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride) * BS + off)
         row = row.to(gl.int32)
-        tma.async_copy_global_to_shared(K_DESC, [row, k_col], bar, k_smem.index(slot).slice(g * PART, PART),
-                                        pred=pred)
-        tma.async_copy_global_to_shared(V_DESC, [row, v_col], bar, v_smem.index(slot).slice(g * PART, PART),
-                                        pred=pred)
+        tma.async_copy_global_to_shared(K_DESC, [row, k_col], bar, k_smem.index(slot).slice(g * PART, PART))
+        tma.async_copy_global_to_shared(V_DESC, [row, v_col], bar, v_smem.index(slot).slice(g * PART, PART))
 
 
 @gluon.jit
@@ -124,19 +128,21 @@ def _online_softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
-def _consumer_step(t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale,
+def _consumer_step(t, base, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale,
                    n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
                    MASK_NEXT: gl.constexpr, HAS_NEXT: gl.constexpr,
                    BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
-    """Key tile ``t`` of one consumer warpgroup: issue S(t+1) = Q K(t+1)^T and O += P(t) V(t) (P from registers),
-    wait for both, run the softmax of S(t+1), rescale O and release slot t (K(t) was read by S(t), V(t) by P(t)
-    V(t)). Starting the softmax while P(t) V(t) still runs measured no faster at 128-key tiles and spills."""
+    """Key tile ``t`` of the walk (ring position ``base + t``) for one consumer warpgroup: issue S(t+1) = Q K(t+1)^T
+    and O += P(t) V(t) (P from registers), wait for both, run the softmax of S(t+1), rescale O and release tile t's
+    slot (K(t) was read by S(t), V(t) by P(t) V(t)). Starting the softmax while P(t) V(t) still runs measured no
+    faster at 128-key tiles and spills."""
+    cur = base + t
     if HAS_NEXT:
-        mbarrier.wait(ready.index((t + 1) % STAGES), ((t + 1) // STAGES) & 1)
-        s_tok = warpgroup_mma(q, k_smem.index((t + 1) % STAGES).permute((1, 0)),
+        mbarrier.wait(ready.index((cur + 1) % STAGES), ((cur + 1) // STAGES) & 1)
+        s_tok = warpgroup_mma(q, k_smem.index((cur + 1) % STAGES).permute((1, 0)),
                               gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-    acc_tok = warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), p_layout), v_smem.index(t % STAGES), acc,
+    acc_tok = warpgroup_mma(gl.convert_layout(p.to(v_smem.dtype), p_layout), v_smem.index(cur % STAGES), acc,
                             is_async=True)
     if HAS_NEXT:
         s, acc_tok = warpgroup_mma_wait(0, deps=(s_tok, acc_tok))
@@ -148,141 +154,190 @@ def _consumer_step(t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scal
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     else:
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-    mbarrier.arrive(empty.index(t % STAGES), count=1)
+    mbarrier.arrive(empty.index(cur % STAGES), count=1)
     return p, acc, m_i, l_i
 
 
 @gluon.jit
-def _ws_consume(wg: gl.constexpr, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0, seq_start, kv_end, past,
-                stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
+def _work_item(w, RESIDUES, HEAD_TO_PAT, CU_SEQLENS, q_len, kv_len, num_tiles, num_heads, first_block, group,
+               local_blocks, vert_stride, q_rows_b, kv_rows_b,
+               BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):
+    """Query tile, head and batch entry of work item ``w`` (tiles of a head from the last, the longest walks, to the
+    first; then the next head), whether the tile holds a query row of its sequence, and its row walk: the
+    interior / all key-tile counts, the walk state, and the tensors' first rows."""
+    tile = num_tiles - 1 - w % num_tiles
+    h = (w // num_tiles) % num_heads
+    b = w // (num_tiles * num_heads)
+    seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
+    tile_pos0 = (first_block + tile * ROWS) * BS
+    n_ent, w0, w1, w2, w3, width = _row_walk(RESIDUES, RESIDUES, gl.load(HEAD_TO_PAT + h), tile, num_tiles,
+                                             first_block, kv_end, local_blocks, vert_stride, BS, ROWS, True)
+    n_in_e, mid_start, m1, n_diag = _fast_split(n_ent, w0, w1, w2, w3, width, ROWS)
+    if BS < BLOCK_N:  # key tiles of BLOCK_N // BS whole blocks; one mixing interior and masked entries is masked
+        n_in = n_in_e // (BLOCK_N // BS)
+        n_all = (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS)
+    else:
+        n_in = n_in_e * (BS // BLOCK_N)
+        n_all = n_ent * (BS // BLOCK_N)
+    kv_row0 = b * kv_rows_b + seq_start
+    q_row0 = b * q_rows_b + seq_start + tile_pos0 - past
+    return (tile_pos0 < kv_end, b, h, h // group, tile_pos0, seq_start, kv_end, past, n_ent, n_in_e, n_in, n_all,
+            w0, w1, w2, w3, width, m1, mid_start, kv_row0, q_row0)
+
+
+@gluon.jit
+def _ws_consume(wg: gl.constexpr, q_smem, k_smem, v_smem, ready, empty, q_bar, q_free, O, LSE, CU_SEQLENS,
+                HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, q_len, kv_len,
+                num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
-                ROWS: gl.constexpr):
-    """Consumer warpgroup ``wg``: rows ``64 wg .. 64 wg + 63`` of the query tile, every key tile of the walk."""
+                ROWS: gl.constexpr, VARLEN: gl.constexpr):
+    """Consumer warpgroup ``wg``: rows ``64 wg .. 64 wg + 63`` of each query tile of the CTA, every key tile of its
+    walk. ``it`` counts the ring's key tiles and ``j`` the query tiles over the CTA's work items."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     q = q_smem.index(wg)
-    rows = wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-    q_pos = tile_pos0 + rows
-    sub_row = rows // BS
-    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(ready.index(0), 0)
-    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), gl.zeros([64, BLOCK_N], gl.float32, s_layout),
-                          use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    s = _masked_scores(s, 0, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
-                       BS, ROWS, BLOCK_N, s_layout)
-    p, _, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)  # O is still zero: no rescale
-    for t in range(0, n_in - 1):  # the next tile is interior: no mask
-        p, acc, m_i, l_i = _consumer_step(
-            t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
-            mid_start, width, vert_stride, q_pos, sub_row, False, True, BS, ROWS, BLOCK_N, STAGES,
-            s_layout, p_layout)
-    for t in range(gl.maximum(n_in - 1, 0), n_all - 1):
-        p, acc, m_i, l_i = _consumer_step(
-            t, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
-            mid_start, width, vert_stride, q_pos, sub_row, True, True, BS, ROWS, BLOCK_N, STAGES,
-            s_layout, p_layout)
-    p, acc, m_i, l_i = _consumer_step(
-        n_all - 1, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
-        mid_start, width, vert_stride, q_pos, sub_row, True, False, BS, ROWS, BLOCK_N, STAGES,
-        s_layout, p_layout)
+    it = 0
+    j = 0
+    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+        (valid, b, h, kvh, tile_pos0, seq_start, kv_end, past, n_ent, n_in_e, n_in, n_all, w0, w1, w2, w3, width, m1,
+         mid_start, kv_row0, q_row0) = _work_item(w, RESIDUES, HEAD_TO_PAT, CU_SEQLENS, q_len, kv_len, num_tiles,
+                                                  num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+                                                  kv_rows_b, BS, ROWS, BLOCK_N, VARLEN)
+        if valid:
+            rows = wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+            q_pos = tile_pos0 + rows
+            sub_row = rows // BS
+            m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+            mbarrier.wait(q_bar, j & 1)
+            mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(it % STAGES).permute((1, 0)),
+                                  gl.zeros([64, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            s = _masked_scores(s, 0, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, q_pos, sub_row,
+                               BS, ROWS, BLOCK_N, s_layout)
+            p, _, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)  # O is still zero: no rescale
+            for t in range(0, n_in - 1):  # the next tile is interior: no mask
+                p, acc, m_i, l_i = _consumer_step(
+                    t, it, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
+                    mid_start, width, vert_stride, q_pos, sub_row, False, True, BS, ROWS, BLOCK_N, STAGES,
+                    s_layout, p_layout)
+            for t in range(gl.maximum(n_in - 1, 0), n_all - 1):
+                p, acc, m_i, l_i = _consumer_step(
+                    t, it, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3, m1,
+                    mid_start, width, vert_stride, q_pos, sub_row, True, True, BS, ROWS, BLOCK_N, STAGES,
+                    s_layout, p_layout)
+            mbarrier.arrive(q_free, count=1)  # every S of this tile is done: the next query tile may load
+            p, acc, m_i, l_i = _consumer_step(
+                n_all - 1, it, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, qk_scale, n_in_e, w0, w1, w2, w3,
+                m1, mid_start, width, vert_stride, q_pos, sub_row, True, False, BS, ROWS, BLOCK_N, STAGES,
+                s_layout, p_layout)
 
-    empty_row = l_i == 0.0
-    lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(gl.where(empty_row, 1.0, l_i))) * _LN2)
-    l_o = gl.convert_layout(gl.where(empty_row, 1.0, l_i), gl.SliceLayout(1, o_layout))
-    out = acc / l_o[:, None]
-    rows_o = wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    q_pos_o = tile_pos0 + rows_o
-    row0 = seq_start + (tile_pos0 - past).to(gl.int64)
-    o_ptrs = (O + b.to(gl.int64) * stride_ob + h * stride_oh + (row0 + rows_o)[:, None] * stride_os
-              + offs_d[None, :])
-    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=((q_pos_o >= past) & (q_pos_o < kv_end))[:, None])
-    gl.store(LSE + b.to(gl.int64) * stride_lb + h * stride_lh + row0 + rows, lse,
-             mask=(q_pos >= past) & (q_pos < kv_end))
+            empty_row = l_i == 0.0
+            lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(gl.where(empty_row, 1.0, l_i))) * _LN2)
+            l_o = gl.convert_layout(gl.where(empty_row, 1.0, l_i), gl.SliceLayout(1, o_layout))
+            out = acc / l_o[:, None]
+            rows_o = wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            q_pos_o = tile_pos0 + rows_o
+            row0 = seq_start + (tile_pos0 - past).to(gl.int64)
+            o_ptrs = (O + b.to(gl.int64) * stride_ob + h * stride_oh + (row0 + rows_o)[:, None] * stride_os
+                      + offs_d[None, :])
+            gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=((q_pos_o >= past) & (q_pos_o < kv_end))[:, None])
+            gl.store(LSE + b.to(gl.int64) * stride_lb + h * stride_lh + row0 + rows, lse,
+                     mask=(q_pos >= past) & (q_pos < kv_end))
+            it += n_all
+            j += 1
 
 
 @gluon.jit
-def _ws_load(n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col, q_row0, q_col,
-             Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar,
-             BS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Producer warp: both 64-row halves of the query tile, then the key tiles of the walk into the ring, each
+def _ws_load(Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar, q_free, CU_SEQLENS, HEAD_TO_PAT,
+             RESIDUES, stride_qh, stride_kh, stride_vh, q_len, kv_len, num_items, num_tiles, num_heads, first_block,
+             group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
+             BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             VARLEN: gl.constexpr):
+    """Producer warp, per query tile of the CTA: the first key tile of the walk into the ring, both 64-row halves of
+    the query tile once the consumers are done with the previous one (``q_free``), then the other key tiles, each
     once both consumers have released its slot (``empty``; a fresh barrier passes the first wait)."""
-    mbarrier.expect(q_bar, 2 * Q_DESC.block_type.nbytes)
-    tma.async_copy_global_to_shared(Q_DESC, [q_row0.to(gl.int32), q_col], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(Q_DESC, [(q_row0 + 64).to(gl.int32), q_col], q_bar, q_smem.index(1))
-    for t in range(0, n_all):
-        mbarrier.wait(empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
-        _issue_kv(t, n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, k_col, v_col,
-                  K_DESC, V_DESC, k_smem, v_smem, ready, BS, BLOCK_N, STAGES)
+    it = 0
+    j = 0
+    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+        (valid, b, h, kvh, tile_pos0, seq_start, kv_end, past, n_ent, n_in_e, n_in, n_all, w0, w1, w2, w3, width, m1,
+         mid_start, kv_row0, q_row0) = _work_item(w, RESIDUES, HEAD_TO_PAT, CU_SEQLENS, q_len, kv_len, num_tiles,
+                                                  num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+                                                  kv_rows_b, BS, ROWS, BLOCK_N, VARLEN)
+        if valid:
+            k_col = kvh * stride_kh
+            v_col = kvh * stride_vh
+            for t in range(0, n_all):
+                cur = it + t
+                mbarrier.wait(empty.index(cur % STAGES), ((cur // STAGES) & 1) ^ 1)
+                _issue_kv(t, cur % STAGES, n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0,
+                          k_col, v_col, K_DESC, V_DESC, k_smem, v_smem, ready, BS, BLOCK_N)
+                if t == 0:
+                    mbarrier.wait(q_free, (j & 1) ^ 1)
+                    mbarrier.expect(q_bar, 2 * Q_DESC.block_type.nbytes)
+                    tma.async_copy_global_to_shared(Q_DESC, [q_row0.to(gl.int32), h * stride_qh], q_bar,
+                                                    q_smem.index(0))
+                    tma.async_copy_global_to_shared(Q_DESC, [(q_row0 + 64).to(gl.int32), h * stride_qh], q_bar,
+                                                    q_smem.index(1))
+            it += n_all
+            j += 1
 
 
 @gluon.jit
 def s2_fwd_hopper_kernel(
     Q_DESC, K_DESC, V_DESC, O, LSE, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
     stride_qh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    qk_scale, q_len, kv_len, num_tiles, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
+    qk_scale, q_len, kv_len, num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+    kv_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
     STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Warp-specialised form: a producer warp streams Q and the K/V ring with TMA, two consumer warpgroups (64
-    query rows each) run the matrix products and the softmax; the warp scheduler interleaves the two."""
+    query rows each) run the matrix products and the softmax; the warp scheduler interleaves the two. A CTA takes
+    the work items (query tile, head, batch entry) ``program_id, program_id + grid, ...``: persistent when the grid
+    is smaller than ``num_items``, the ring and the barriers carrying over from one item to the next (the next query
+    tile and its first key tile load while the consumers finish the previous one)."""
     ROWS: gl.constexpr = BLOCK_M // BS
     gl.static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows")
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-    tile = num_tiles - 1 - gl.program_id(0)
-    h = gl.program_id(1)
-    b = gl.program_id(2)
-    seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
-    tile_pos0 = (first_block + tile * ROWS) * BS
-    if tile_pos0 < kv_end:
-        kvh = h // group
-        n_ent, w0, w1, w2, w3, width = _row_walk(RESIDUES, RESIDUES, gl.load(HEAD_TO_PAT + h), tile, num_tiles,
-                                                 first_block, kv_end, local_blocks, vert_stride, BS, ROWS, True)
-        n_in_e, mid_start, m1, n_diag = _fast_split(n_ent, w0, w1, w2, w3, width, ROWS)
-        if BS < BLOCK_N:  # key tiles of BLOCK_N // BS whole blocks; one mixing interior and masked entries is masked
-            n_in = n_in_e // (BLOCK_N // BS)
-            n_all = (n_ent + BLOCK_N // BS - 1) // (BLOCK_N // BS)
-        else:
-            n_in = n_in_e * (BS // BLOCK_N)
-            n_all = n_ent * (BS // BLOCK_N)
-        kv_row0 = b * kv_rows_b + seq_start
-        q_row0 = b * q_rows_b + seq_start + tile_pos0 - past
-        dtype: gl.constexpr = Q_DESC.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], Q_DESC.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        mbarrier.init(q_bar, count=1)
-        gl.warp_specialize([
-            (_ws_consume, (0, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                               q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0,
-                               seq_start, kv_end, past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS)),
-            (_ws_consume, (1, n_in, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
-                               q_smem, k_smem, v_smem, ready, empty, q_bar, O, LSE, b, h, tile_pos0,
-                               seq_start, kv_end, past, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                               qk_scale, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS)),
-            (_ws_load, (n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0, kvh * stride_kh,
-                        kvh * stride_vh, q_row0, h * stride_qh, Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem,
-                        ready, empty, q_bar, BS, BLOCK_N, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, 24])
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-            mbarrier.invalidate(empty.index(i))
-        mbarrier.invalidate(q_bar)
+    dtype: gl.constexpr = Q_DESC.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], Q_DESC.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_free, count=2)
+    gl.warp_specialize([
+        (_ws_consume, (0, q_smem, k_smem, v_smem, ready, empty, q_bar, q_free, O, LSE, CU_SEQLENS, HEAD_TO_PAT,
+                       RESIDUES, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, q_len, kv_len,
+                       num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+                       kv_rows_b, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN)),
+        (_ws_consume, (1, q_smem, k_smem, v_smem, ready, empty, q_bar, q_free, O, LSE, CU_SEQLENS, HEAD_TO_PAT,
+                       RESIDUES, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, q_len, kv_len,
+                       num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+                       kv_rows_b, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN)),
+        (_ws_load, (Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar, q_free, CU_SEQLENS,
+                    HEAD_TO_PAT, RESIDUES, stride_qh, stride_kh, stride_vh, q_len, kv_len, num_items, num_tiles,
+                    num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
+                    BS, ROWS, BLOCK_N, STAGES, VARLEN)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+    mbarrier.invalidate(q_bar)
+    mbarrier.invalidate(q_free)
 
 
 @dataclass(frozen=True)
@@ -292,6 +347,7 @@ class HopperTiles:
     maxnreg: int = 168     # launch limit: 12 warps x 168 registers fill the register file, then redistributed
     block_m: int = 128     # two consumer warpgroups of 64 query rows
     block_n: int = 128     # key tile: two 64-key blocks gathered, or one 128-key block
+    persistent: bool = True  # one CTA per SM taking work items in turn; else one CTA per work item
 
 
 @lru_cache(maxsize=None)
@@ -299,10 +355,21 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-# the Triton forward measured faster where the rows are short (H200, head dim 128): L16V16 at 8k (23 kept blocks of
-# 64 in the last row, 0.95x) and equal at 16k (31 blocks, 1.02x); from 32k (47 blocks) 1.10-1.19x, dense 8k 1.18x
-# (bench/results/hopper_forward_H200.md). S2MEGATRON_HOPPER_FWD=1 takes this kernel for every call it can run, =0 never
-MIN_ROW_KEYS = 2048
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# the Triton forward measured faster where the rows are short (H100, head dim 128, the persistent grid, four calls;
+# speed-up of this kernel over the Triton forward):
+# L16V16 at 8k (23 kept blocks of 64 in the last row) 0.97-0.99x; at 16k (31 blocks) 1.03-1.07x, at 32k (47 blocks)
+# 1.09-1.12x, dense 8k 1.24-1.26x (bench/results/attention_NOTES.md). S2MEGATRON_HOPPER_FWD=1 takes this kernel for
+# every call it can run, =0 never
+MIN_ROW_KEYS = 1600
+# persistent CTAs where the last row keeps under this share of the keys (S2 rows: local blocks and stripes, the same
+# stripes for every query tile of a head; 32k 1.04-1.05x, 128k 1.01-1.02x, 8k 1.03-1.04x over one CTA per query tile);
+# dense rows, which read the head's whole K/V prefix, measured slower on it (dense 32k: 15.7-16.1 ms against 14.2-15.0)
+PERSISTENT_ROW_SHARE = 0.5
 _broken: list = []  # the compile error, once the kernel failed to build in this process
 
 
@@ -343,14 +410,16 @@ def hopper_runnable(plan, q) -> bool:
 def hopper_forward_tiles(plan, q) -> Optional[HopperTiles]:
     """The tiles of this kernel for the call, or None where the Triton forward runs instead: not an S2Layout with
     block 64 or 128, head dim not 64 or 128, not 16-bit, not an sm_90 GPU, rows shorter than ``MIN_ROW_KEYS`` kept
-    keys (:func:`row_keys`), the kernel failed to compile earlier, or ``S2MEGATRON_HOPPER_FWD=0``."""
+    keys (:func:`row_keys`), the kernel failed to compile earlier, or ``S2MEGATRON_HOPPER_FWD=0``. The grid is
+    persistent where the rows keep under ``PERSISTENT_ROW_SHARE`` of the keys."""
     mode = os.environ.get("S2MEGATRON_HOPPER_FWD", "auto")
     if mode == "0" or _broken or not hopper_runnable(plan, q):
         return None
     patterns = plan.metadata(HopperTiles.block_m)[0].patterns  # cached per shape
-    if mode != "1" and row_keys(patterns, plan.layout, plan.kv_len) < MIN_ROW_KEYS:
+    keys = row_keys(patterns, plan.layout, plan.kv_len)
+    if mode != "1" and keys < MIN_ROW_KEYS:
         return None
-    return hopper_tiles()
+    return dataclasses.replace(hopper_tiles(), persistent=keys < PERSISTENT_ROW_SHARE * plan.kv_len)
 
 
 def _descriptor(x, view, block_rows, head_dim):
@@ -372,12 +441,13 @@ def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) ->
     k_desc, v_desc = (_descriptor(x, view, part, plan.head_dim) for x, view in zip((k, v), views[1:]))
     (_, _, sqh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, k, v))
     sob, sos, soh = qkv_strides(out, plan.varlen)
-    grid = (meta.num_tiles, plan.num_heads, plan.batch)
+    items = meta.num_tiles * plan.num_heads * plan.batch
+    grid = min(items, _sm_count(plan.device.index)) if tiles.persistent else items  # one CTA per SM (smem)
     try:
-        s2_fwd_hopper_kernel[grid](
+        s2_fwd_hopper_kernel[(grid, )](
             q_desc, k_desc, v_desc, out, lse, cu, meta.head_to_pattern, residues, sqh, skh, svh, sob, sos, soh,
-            *lse_strides(lse, plan.varlen), qk_scale, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
-            plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[1][2],
+            *lse_strides(lse, plan.varlen), qk_scale, plan.q_len, plan.kv_len, items, meta.num_tiles,
+            plan.num_heads, meta.first_block, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[1][2],
             HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
             STAGES=tiles.stages, VARLEN=plan.varlen, CONSUMER_REGS=tiles.consumer_regs, num_warps=4,
             maxnreg=tiles.maxnreg)
