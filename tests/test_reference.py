@@ -1,5 +1,4 @@
 """The reference S2 attention against an independent float64 dense masked softmax (tests/pattern_oracle.py)."""
-import math
 
 import pytest
 import torch
