@@ -32,17 +32,15 @@ to compile (Gluon is experimental), with one warning.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .hopper_fwd import _descriptor, hopper_runnable
+from .hopper_fwd import _descriptor, hopper_runnable, launch_or_fall_back
 from .kernels import _LOG2E, _col_chunks, _pair_tiles, _seq_bounds
 from .rows import lse_strides, qkv_strides, row_view
 
@@ -337,18 +335,13 @@ def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta,
     k_desc, v_desc = (_descriptor(x, view, tiles.block_n, plan.head_dim) for x, view in zip((k, v), views[2:]))
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
     pairs = pair_count(plan.kv_len, plan.block_size, tiles.block_n)
-    try:
-        s2_dkdv_hopper_kernel[(pairs * plan.num_kv_heads, plan.batch)](
-            q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, cu, head_to_pattern, residues,
-            sqh, skh, svh, sdoh, *qkv_strides(dk, plan.varlen), *qkv_strides(dv, plan.varlen),
-            *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len, first_block,
-            plan.num_kv_heads, pairs, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[2][2],
-            HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
-            STAGES=tiles.stages, VARLEN=plan.varlen, HEADS_FASTEST=heads_fastest,
-            CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs, num_warps=4,
-            maxnreg=tiles.maxnreg)
-    except CompilationError as err:  # another Triton version: the Triton kernel from now on
-        _broken.append(err)
-        warnings.warn(f"S2 Hopper dK/dV failed to compile, using the Triton kernel instead: {err}")
-        return False
-    return True
+    return launch_or_fall_back(
+        s2_dkdv_hopper_kernel, (pairs * plan.num_kv_heads, plan.batch), _broken, "dK/dV",
+        q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, cu, head_to_pattern, residues,
+        sqh, skh, svh, sdoh, *qkv_strides(dk, plan.varlen), *qkv_strides(dv, plan.varlen),
+        *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len, first_block,
+        plan.num_kv_heads, pairs, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[2][2],
+        HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
+        STAGES=tiles.stages, VARLEN=plan.varlen, HEADS_FASTEST=heads_fastest,
+        CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs, num_warps=4,
+        maxnreg=tiles.maxnreg)

@@ -422,6 +422,20 @@ def hopper_forward_tiles(plan, q) -> Optional[HopperTiles]:
     return dataclasses.replace(hopper_tiles(), persistent=keys < PERSISTENT_ROW_SHARE * plan.kv_len)
 
 
+def launch_or_fall_back(kernel, grid, broken: list, what: str, *args, **kwargs) -> bool:
+    """Launch the Gluon ``kernel`` (the Hopper ``what``) on ``grid``; True once launched. Gluon is experimental:
+    where the installed Triton cannot compile the kernel, the error goes to ``broken`` (the module's ``_broken``, which
+    its policy checks, so the kernel is not tried again), one warning says the Triton kernel runs instead, and False
+    is returned (nothing launched)."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except CompilationError as err:
+        broken.append(err)
+        warnings.warn(f"S2 Hopper {what} failed to compile, using the Triton {what} instead: {err}")
+        return False
+    return True
+
+
 def _descriptor(x, view, block_rows, head_dim):
     shape, strides, _ = view
     dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
@@ -443,16 +457,11 @@ def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) ->
     sob, sos, soh = qkv_strides(out, plan.varlen)
     items = meta.num_tiles * plan.num_heads * plan.batch
     grid = min(items, _sm_count(plan.device.index)) if tiles.persistent else items  # one CTA per SM (smem)
-    try:
-        s2_fwd_hopper_kernel[(grid, )](
-            q_desc, k_desc, v_desc, out, lse, cu, meta.head_to_pattern, residues, sqh, skh, svh, sob, sos, soh,
-            *lse_strides(lse, plan.varlen), qk_scale, plan.q_len, plan.kv_len, items, meta.num_tiles,
-            plan.num_heads, meta.first_block, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[1][2],
-            HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
-            STAGES=tiles.stages, VARLEN=plan.varlen, CONSUMER_REGS=tiles.consumer_regs, num_warps=4,
-            maxnreg=tiles.maxnreg)
-    except CompilationError as err:  # another Triton version: the Triton forward from now on
-        _broken.append(err)
-        warnings.warn(f"S2 Hopper forward failed to compile, using the Triton forward instead: {err}")
-        return False
-    return True
+    return launch_or_fall_back(
+        s2_fwd_hopper_kernel, (grid, ), _broken, "forward",
+        q_desc, k_desc, v_desc, out, lse, cu, meta.head_to_pattern, residues, sqh, skh, svh, sob, sos, soh,
+        *lse_strides(lse, plan.varlen), qk_scale, plan.q_len, plan.kv_len, items, meta.num_tiles,
+        plan.num_heads, meta.first_block, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[1][2],
+        HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
+        STAGES=tiles.stages, VARLEN=plan.varlen, CONSUMER_REGS=tiles.consumer_regs, num_warps=4,
+        maxnreg=tiles.maxnreg)
