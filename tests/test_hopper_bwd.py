@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from hopper_plans import plan_stub  # noqa: E402
 from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -41,16 +42,13 @@ def _pairs_kernel(R, OUT, kv_end, vert_stride, BS: tl.constexpr, BLOCK_N: tl.con
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
+_DEFAULTS = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=131072, num_heads=32,
+                 group=1, analytic=True, merge_q=True, block_size=64, head_dim=128,
+                 cfg=types.SimpleNamespace(block_m=128))
+
+
 def _plan(**over):
-    fields = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=131072, num_heads=32, group=1,
-                  analytic=True, merge_q=True, block_size=64, head_dim=128, cfg=types.SimpleNamespace(block_m=128))
-    fields.update(over)
-    plan = types.SimpleNamespace(**fields)
-    plan.local_blocks, plan.vert_stride = plan.layout.local_blocks, plan.layout.vert_stride
-    if "metadata" not in over:
-        patterns = plan.layout.head_patterns(plan.layout.resolve(plan.num_heads))
-        plan.metadata = lambda rows: (types.SimpleNamespace(patterns=patterns), None)
-    return plan
+    return plan_stub(**{**_DEFAULTS, **over})
 
 
 @pytest.fixture
@@ -135,6 +133,7 @@ def test_compile_failure_falls_back_to_the_triton_kernel(sm90, monkeypatch):
         launched = hopper_bwd.hopper_dkdv(plan, hopper_bwd.HopperDkdvTiles(), q, q, q, q, q, q, lse, lse, None,
                                           1.0, 1.0, 0, None, None, True)
     assert launched is False
+    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "1")  # forced, so that only the failed compile can decline
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hopper_bwd.hopper_dkdv_tiles(plan, q) is None

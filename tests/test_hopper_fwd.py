@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from hopper_plans import plan_stub  # noqa: E402
 from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -28,15 +29,12 @@ _interpreter_env = _ENV.fixture()
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
+_DEFAULTS = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=32768, num_heads=32,
+                 analytic=True, block_size=64, head_dim=128)
+
+
 def _plan(**over):
-    fields = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=32768, num_heads=32,
-                  analytic=True, block_size=64, head_dim=128)
-    fields.update(over)
-    plan = types.SimpleNamespace(**fields)
-    if "metadata" not in over:
-        patterns = plan.layout.head_patterns(plan.layout.resolve(plan.num_heads))
-        plan.metadata = lambda rows: (types.SimpleNamespace(patterns=patterns), None)
-    return plan
+    return plan_stub(**{**_DEFAULTS, **over})
 
 
 @pytest.fixture
