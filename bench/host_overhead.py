@@ -7,8 +7,8 @@ on any machine:
 
     python bench/host_overhead.py [--out DIR]
 
-A real launch adds Triton's own launcher cost per kernel (one kernel forward, three backward plus the Delta
-preprocess). Writes ``host_overhead_cpu.md`` under --out.
+A real launch adds Triton's own launcher cost per kernel (one kernel forward, two backward: dQ, which also computes
+Delta, and dK/dV). Writes ``host_overhead_cpu.md`` under --out.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from s2megatron.ops import triton_s2  # noqa: E402
 from s2megatron.ops.triton_s2 import kernels, op  # noqa: E402
 from s2megatron.sparsity.layout import S2Layout  # noqa: E402
 
-KERNELS = ("s2_fwd_kernel", "s2_bwd_preprocess_kernel", "s2_bwd_dq_kernel", "s2_bwd_dkdv_kernel")
+KERNELS = ("s2_fwd_kernel", "s2_bwd_dq_kernel", "s2_bwd_dkdv_kernel")
 
 
 class _NoLaunch:

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,13 +87,16 @@ def ptxas_report(ptx: str, arch: int) -> dict:
             "spill_load_bytes": int(spill.group(2)) if spill else None}
 
 
-def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int, desc_rows: int) -> dict:
+def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int, desc_rows: int,
+                maxnreg: Optional[int] = None) -> dict:
     constexprs = dict(constexprs)
     desc = f"tensordesc<bf16[{desc_rows},{constexprs['BLOCK_D']}]>" if constexprs["DESC"] else None
     sig, attrs = _signature(fn, constexprs, lambda name: desc)
     src = ASTSource(fn, sig, constexprs, attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     out = ptxas_report(compiled.asm["ptx"], arch)
     out["shared_bytes"] = compiled.metadata.shared
     threads = 32 * num_warps
@@ -134,7 +138,8 @@ def compile_hopper_dkdv(head_dim: int, block: int, tiles=None) -> dict:
     """The warp-specialised Hopper dK/dV (``hopper_bwd``), compiled for sm_90a as launched (bf16, 12 warps)."""
     tiles = tiles or hopper_bwd.HopperDkdvTiles()
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block,
-                      STAGES=tiles.stages, VARLEN=False, HEADS_FASTEST=True, CONSUMER_REGS=tiles.consumer_regs,
+                      STAGES=tiles.stages, VARLEN=False, HEADS_FASTEST=True, DESCENDING=tiles.descending,
+                      CONSUMER_REGS=tiles.consumer_regs,
                       PRODUCER_REGS=tiles.producer_regs, num_warps=4)
     return _compile_gluon_sm90(hopper_bwd.s2_dkdv_hopper_kernel, constexprs,
                                lambda name: tiles.block_n if name in ("K_DESC", "V_DESC") else tiles.block_m,
@@ -151,8 +156,9 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
                                                            ANALYTIC=analytic, DESC=cfg.fwd_tma and even),
                               cfg.fwd_warps, cfg.fwd_stages, arch, cfg.block_n)
     rows["dq"] = compile_one(kernels.s2_bwd_dq_kernel, dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
-                                                            ANALYTIC=analytic, DESC=cfg.dq_tma and even),
-                             cfg.dq_warps, cfg.dq_stages, arch, cfg.dq_block_n)
+                                                            ANALYTIC=analytic, DESC=cfg.dq_tma and even,
+                                                            HAS_DLSE=False),
+                             cfg.dq_warps, cfg.dq_stages, arch, cfg.dq_block_n, cfg.dq_maxnreg)
     rows["dkdv"] = compile_one(kernels.s2_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg.dkdv_block_m,
                                                                 BLOCK_N=cfg.dkdv_block_n, RUN=True, ANALYTIC=analytic,
                                                                 HEADS_FASTEST=True,

@@ -5,7 +5,11 @@ before the kernels are decorated); with CUDA the same tests run on the GPU. Size
 every length reaches well past local_blocks * block_size, where the pattern differs from dense causal.
 """
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -550,6 +554,36 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="65536 sequences in one call exceed"):
         triton_s2_attention(many, many, many, lay, sm_scale=0.1, max_seqlen=1,
                             cu_seqlens=torch.arange(65537, dtype=torch.int32, device=DEVICE))
+
+
+_COMPILE_DQ = """
+import json, sys
+sys.path.insert(0, {bench!r})
+import kernel_resources
+from s2megatron.ops.triton_s2 import config
+rows = []
+for arch, head_dim in ((80, 128), (80, 96), (90, 128)):
+    rows.append(dict(kernel_resources.report(config.tile_config(64, head_dim, True), head_dim, 64, arch)["dq"],
+                     arch=arch, head_dim=head_dim))
+print(json.dumps(rows))
+"""
+
+
+def test_dq_kernel_compiles_within_its_register_limit():
+    """The dQ kernel (which also computes Delta) compiled by ptxas as launched, with ``TileConfig.dq_maxnreg``: on
+    sm_80 it may use the whole register file (ptxas left to itself caps it at 128 registers and spills 2.7 KB at
+    head dim 128), spilling under 1 KB; on sm_90 nothing. In a fresh process, without the interpreter."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_DQ.format(bench=bench)], capture_output=True, text=True,
+                         env=env, cwd=bench, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for row in rows:
+        assert row["registers"] > 128, row
+        assert row["spill_store_bytes"] < 1024, row
+        if row["arch"] == 90:
+            assert row["spill_store_bytes"] == 0, row
 
 
 _ENV.restore()  # after this module's kernels are decorated

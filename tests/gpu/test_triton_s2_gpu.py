@@ -4,6 +4,7 @@ capture, and one test per defect the research notes list for the reference libra
 Run: ``python -m pytest -q tests/gpu``; the memcheck pass runs the short sweep:
 ``compute-sanitizer --tool memcheck python -m pytest -q tests/gpu -k short``.
 """
+import dataclasses
 import math
 import random
 
@@ -140,11 +141,16 @@ def test_hopper_forward_sweep(case, ctas, monkeypatch):
 
 
 @pytest.mark.skipif(not _sm90(), reason="the Hopper dK/dV runs on sm_90")
+@pytest.mark.parametrize("descending", [True, False], ids=["walk-down", "walk-up"])
 @pytest.mark.parametrize("case", HOPPER, ids=["hopper-dkdv-" + c["id"] for c in HOPPER])
-def test_hopper_dkdv_sweep(case, monkeypatch):
+def test_hopper_dkdv_sweep(case, descending, monkeypatch):
     """The warp-specialised dK/dV at every length (S2MEGATRON_HOPPER_BWD=1; with the Triton forward, so that only
-    this kernel differs from the sweep) against the float64 reference; the test fails unless that kernel ran."""
+    this kernel differs from the sweep) against the float64 reference, walking each query head's chunks from the
+    last one down (the default) and from the first one up; the test fails unless that kernel ran."""
     from s2megatron.ops.triton_s2 import op as _op
+    policy = _op._hopper_bwd.hopper_dkdv_tiles
+    monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv_tiles",
+                        lambda plan, q: policy(plan, q) and dataclasses.replace(policy(plan, q), descending=descending))
     launched = []
     real = _op._hopper_bwd.hopper_dkdv
     monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv", lambda *a: launched.append(real(*a)) or launched[-1])

@@ -1,4 +1,4 @@
-"""Triton kernels of S2 attention: forward, backward preprocess (Delta), dQ and dK/dV.
+"""Triton kernels of S2 attention: forward, dQ (which also computes Delta for the backward) and dK/dV.
 
 Terms (see ``s2megatron/sparsity/metadata.py``): a *query tile* is ``BLOCK_M = rows_per_tile * BS`` consecutive query
 positions starting at absolute block ``first_block + tile * rows_per_tile``; its *row list* holds the kept key blocks
@@ -467,42 +467,32 @@ def s2_fwd_kernel(
     tl.store(LSE + off_b * stride_lb + h * stride_lh + row0 + offs_m, lse, mask=q_ok)
 
 
-@_jit_dynamic
-def s2_bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-    num_rows,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
-):
-    """Delta = rowsum(O * dO) - dLSE (the lse gradient enters dS = P * (dP - Delta) with a minus sign). Grid: (row
-    chunks, heads, batch entries)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = rows < num_rows
-    mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    o = tl.load(O + b * stride_ob + h * stride_oh + r64 * stride_os + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + r64 * stride_dos + offs_d[None, :], mask=mask, other=0.0)
+@triton.jit
+def _delta(o, do, dlse_ptrs, ok, HAS_DLSE: tl.constexpr):
+    """Delta = rowsum(O * dO) - dLSE of a query tile's rows (the lse gradient enters dS = P * (dP - Delta) with a
+    minus sign)."""
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    l_off = b * stride_lb + h * stride_lh + rows
     if HAS_DLSE:
-        delta -= tl.load(DLSE + l_off, mask=ok, other=0.0)
-    tl.store(DELTA + l_off, delta, mask=ok)
+        delta -= tl.load(dlse_ptrs, mask=ok, other=0.0)
+    return delta
 
 
 @_jit_dynamic
 def s2_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES, K_DESC, V_DESC,
+    Q, K, V, O, DO, DQ, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, ROW_PTR, ROW_COLS, ROW_LAST, RESIDUES, K_DESC,
+    V_DESC,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
     sm_scale, qk_scale, q_len, kv_len, num_tiles, first_block, group, local_blocks, vert_stride, kv_rows_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ANALYTIC: tl.constexpr, DESC: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
-    """dQ of one query tile, walking its row list (same tiles and metadata as the forward)."""
+    """dQ of one query tile, walking its row list (same tiles and metadata as the forward). It first computes the
+    tile's Delta (:func:`_delta`) and stores it for the dK/dV kernel, which runs after it: the query tiles cover
+    every query row once."""
     ROWS: tl.constexpr = BLOCK_M // BS
     FAST: tl.constexpr = ANALYTIC and BS >= BLOCK_N  # S2 layout, whole key tiles: interior tiles unmasked
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -523,7 +513,10 @@ def s2_bwd_dq_kernel(
                + offs_d[None, :], qd_mask, UPCAST)
     l_off = off_b * stride_lb + h * stride_lh + row0 + offs_m
     lse2 = tl.load(LSE + l_off, mask=q_ok, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + l_off, mask=q_ok, other=0.0)
+    o = _load(O + off_b * stride_ob + h * stride_oh + row0 * stride_os + offs_m[:, None] * stride_os + offs_d[None, :],
+              qd_mask, UPCAST)
+    delta = _delta(o, do, DLSE + l_off, q_ok, HAS_DLSE)
+    tl.store(DELTA + l_off, delta, mask=q_ok)
     k_base = K + off_b * stride_kb + kvh * stride_kh + seq_start * stride_ks
     v_base = V + off_b * stride_vb + kvh * stride_vh + seq_start * stride_vs
     n_ent, w0, w1, w2, w3, width = _row_walk(ROW_PTR, RESIDUES, tl.load(HEAD_TO_PAT + h), tile, num_tiles,

@@ -258,8 +258,6 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.contiguous()
-    rows = plan.num_tokens if plan.varlen else plan.q_len
-    pre_m = 64
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -272,24 +270,22 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
         plan.tma and cfg.dkdv_tma and plan.merge_q and plan.block_size >= cfg.dkdv_block_n, (q, dout), plan.varlen,
         cfg.dkdv_block_m, plan.block_d)
     with on_device(plan.device):
-        _kernels.s2_bwd_preprocess_kernel[(triton_cdiv(rows, pre_m), plan.num_heads, 1 if plan.varlen else plan.batch)](
-            out, dout, dlse if dlse is not None else delta, delta, *_qkv_strides(out, plan.varlen),
-            *_qkv_strides(dout, plan.varlen), *_lse_strides(lse, plan.varlen), rows,
-            HEAD_DIM=plan.head_dim, BLOCK_D=plan.block_d, BLOCK_M=pre_m,
-            HAS_DLSE=dlse is not None, num_warps=4)
+        # Delta (rowsum(O * dO) - dLSE) comes from the dQ kernel, for every query row, before the dK/dV kernel reads it
         _kernels.s2_bwd_dq_kernel[(meta.num_tiles, plan.num_heads, plan.batch)](
-            q, k, v, dout, dq, lse, delta, cu, meta.head_to_pattern, meta.row_ptr, meta.row_cols, meta.row_last,
-            residues, k_desc, v_desc,
-            *strides, *_qkv_strides(dq, plan.varlen), *_lse_strides(lse, plan.varlen),
+            q, k, v, out, dout, dq, lse, dlse if dlse is not None else delta, delta, cu, meta.head_to_pattern,
+            meta.row_ptr, meta.row_cols, meta.row_last, residues, k_desc, v_desc,
+            *strides[:9], *_qkv_strides(out, plan.varlen), *strides[9:], *_qkv_strides(dq, plan.varlen),
+            *_lse_strides(lse, plan.varlen),
             sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
             plan.group, plan.local_blocks, plan.vert_stride, kv_rows_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
-            ANALYTIC=plan.analytic, DESC=dq_desc,
-            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common)
+            ANALYTIC=plan.analytic, DESC=dq_desc, HAS_DLSE=dlse is not None,
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, maxnreg=cfg.dq_maxnreg, **common)
         heads_fastest = plan.kv_len < cfg.dkdv_heads_fastest_below
         hopper = _hopper_bwd.hopper_dkdv_tiles(plan, q) if _hopper_bwd is not None else None
+        # in a dense layout every key tile walks to the end, as at long lengths: one head's pairs run together
         if hopper is not None and _hopper_bwd.hopper_dkdv(
                 plan, hopper, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, sm_scale * _kernels.LOG2E,
-                meta.first_block, meta.head_to_pattern, residues, heads_fastest):
+                meta.first_block, meta.head_to_pattern, residues, heads_fastest and plan.vert_stride > 1):
             return dq, dk, dv
         _kernels.s2_bwd_dkdv_kernel[(triton_cdiv(plan.kv_len, cfg.dkdv_block_n) * plan.num_kv_heads, plan.batch)](
             q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, residues,
