@@ -261,8 +261,9 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    strides = (*_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
-               *_qkv_strides(dout, plan.varlen))
+    qkv_strides = (*_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen))
+    do_strides = _qkv_strides(dout, plan.varlen)
+    strides = (*qkv_strides, *do_strides)
     k_desc, v_desc, kv_rows_b, dq_desc = _row_descriptors(plan.tma and cfg.dq_tma and plan.fast(cfg.dq_block_n),
                                                           (k, v), plan.varlen, cfg.dq_block_n, plan.block_d)
     # interior query chunks exist where a key tile holds whole layout blocks of a KV-cache-efficient layout
@@ -274,7 +275,7 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
         _kernels.s2_bwd_dq_kernel[(meta.num_tiles, plan.num_heads, plan.batch)](
             q, k, v, out, dout, dq, lse, dlse if dlse is not None else delta, delta, cu, meta.head_to_pattern,
             meta.row_ptr, meta.row_cols, meta.row_last, residues, k_desc, v_desc,
-            *strides[:9], *_qkv_strides(out, plan.varlen), *strides[9:], *_qkv_strides(dq, plan.varlen),
+            *qkv_strides, *_qkv_strides(out, plan.varlen), *do_strides, *_qkv_strides(dq, plan.varlen),
             *_lse_strides(lse, plan.varlen),
             sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
             plan.group, plan.local_blocks, plan.vert_stride, kv_rows_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
