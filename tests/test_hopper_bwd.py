@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import plan_stub  # noqa: E402
+from hopper_plans import check_policy_scope, plan_stub  # noqa: E402
 from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -64,17 +64,10 @@ def test_which_calls_take_the_hopper_dkdv(sm90, monkeypatch):
     assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=8192, head_dim=64), q.half()) is not None
     assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=2048, group=4), q) is not None  # GQA: 4 heads per walk
     assert hopper_bwd.hopper_dkdv_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=2048), q) is not None  # dense
-    for over in (dict(kv_len=4096), dict(analytic=False), dict(merge_q=False), dict(block_size=32),
-                 dict(block_size=256), dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu"))):
-        assert hopper_bwd.hopper_dkdv_tiles(_plan(**over), q) is None, over
-    assert hopper_bwd.hopper_dkdv_tiles(_plan(), q.float()) is None
-    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "1")  # any length
-    assert hopper_bwd.hopper_dkdv_tiles(_plan(kv_len=100), q) is not None
-    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "0")
-    assert hopper_bwd.hopper_dkdv_tiles(_plan(), q) is None
-    monkeypatch.delenv("S2MEGATRON_HOPPER_BWD")
-    monkeypatch.setattr(hopper_fwd, "_is_sm90", lambda index: False)  # sm_80, or sm_100 (no wgmma)
-    assert hopper_bwd.hopper_dkdv_tiles(_plan(), q) is None
+    declined = (dict(kv_len=4096), dict(analytic=False), dict(merge_q=False), dict(block_size=32),
+                dict(block_size=256), dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu")))
+    check_policy_scope(hopper_bwd.hopper_dkdv_tiles, _plan, "S2MEGATRON_HOPPER_BWD", declined, monkeypatch,
+                       hopper_fwd)
 
 
 @pytest.mark.parametrize("layout,kv_len,heads", [

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import plan_stub  # noqa: E402
+from hopper_plans import check_policy_scope, plan_stub  # noqa: E402
 from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -51,18 +51,13 @@ def test_which_calls_take_the_hopper_forward(sm90, monkeypatch):
     assert hopper_fwd.hopper_forward_tiles(_plan(block_size=128, head_dim=64), q.half()) is not None
     dense = hopper_fwd.hopper_forward_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=8192), q)
     assert dense is not None and not dense.persistent  # every key kept: one CTA per query tile
-    for over in (dict(kv_len=8192), dict(analytic=False), dict(block_size=32),
-                 dict(block_size=256), dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu"))):
-        assert hopper_fwd.hopper_forward_tiles(_plan(**over), q) is None, over
-    assert hopper_fwd.hopper_forward_tiles(_plan(), q.float()) is None
-    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")  # any length
-    assert hopper_fwd.hopper_forward_tiles(_plan(kv_len=100), q) is not None
+    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")  # forced where the length rule declines: still persistent
     assert hopper_fwd.hopper_forward_tiles(_plan(kv_len=8192), q).persistent  # 1472 kept keys, 18 %
-    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "0")
-    assert hopper_fwd.hopper_forward_tiles(_plan(), q) is None
     monkeypatch.delenv("S2MEGATRON_HOPPER_FWD")
-    monkeypatch.setattr(hopper_fwd, "_is_sm90", lambda index: False)  # sm_80, or sm_100 (no wgmma)
-    assert hopper_fwd.hopper_forward_tiles(_plan(), q) is None
+    declined = (dict(kv_len=8192), dict(analytic=False), dict(block_size=32), dict(block_size=256),
+                dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu")))
+    check_policy_scope(hopper_fwd.hopper_forward_tiles, _plan, "S2MEGATRON_HOPPER_FWD", declined, monkeypatch,
+                       hopper_fwd)
 
 
 @pytest.mark.parametrize("layout,kv_len,heads", [

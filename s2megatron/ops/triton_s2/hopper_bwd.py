@@ -22,7 +22,7 @@ or two apart). Paired this way, each consumer has a whole walk to itself, and Q 
 
 Each query head's chunks are taken from the last one down (``HopperDkdvTiles.descending``): the CTAs of a head then
 start on the same query rows however far apart their key tiles lie. On an H100, with one head's pairs running
-together (from 64k keys, and for dense layouts: ``op._backward``), fwd+bwd measured 3-4 % faster at 128k and 1-3 %
+together (from 64k keys, and for dense layouts: :func:`hopper_dkdv`), fwd+bwd measured 3-4 % faster at 128k and 1-3 %
 for dense layouts at 32k; with the kv head fastest (S2 layouts below 64k) and under GQA the same as walking up
 (``bench/results/logs/hopper_dkdv_walk_order_ab_H100.log``). The DRAM traffic at 32k did not change (4.52 GB).
 
@@ -345,7 +345,8 @@ def pair_count(kv_len: int, block_size: int, block_n: int) -> int:
 def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, qk_scale,
                 first_block: int, head_to_pattern, residues, heads_fastest: bool) -> bool:
     """Launch the kernel into ``dk`` and ``dv``; False (nothing launched) where a tensor has no TMA row view
-    (:func:`rows.row_view`) or Q and dO, K and V lay out their batch entries differently."""
+    (:func:`rows.row_view`) or Q and dO, K and V lay out their batch entries differently. ``heads_fastest`` is the
+    op's program order for the length; a dense layout runs one head's pairs together at every length."""
     views = [row_view(x, plan.varlen, plan.head_dim) for x in (q, dout, k, v)]
     if any(view is None for view in views) or views[0][2] != views[1][2] or views[2][2] != views[3][2]:
         return False
@@ -353,6 +354,8 @@ def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta,
     k_desc, v_desc = (_descriptor(x, view, tiles.block_n, plan.head_dim) for x, view in zip((k, v), views[2:]))
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
     pairs = pair_count(plan.kv_len, plan.block_size, tiles.block_n)
+    # in a dense layout every key tile walks to the end, as at long lengths: one head's pairs run together
+    heads_fastest = heads_fastest and plan.vert_stride > 1
     return launch_or_fall_back(
         s2_dkdv_hopper_kernel, (pairs * plan.num_kv_heads, plan.batch), _broken, "dK/dV",
         q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, cu, head_to_pattern, residues,

@@ -283,10 +283,9 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, maxnreg=cfg.dq_maxnreg, **common)
         heads_fastest = plan.kv_len < cfg.dkdv_heads_fastest_below
         hopper = _hopper_bwd.hopper_dkdv_tiles(plan, q) if _hopper_bwd is not None else None
-        # in a dense layout every key tile walks to the end, as at long lengths: one head's pairs run together
         if hopper is not None and _hopper_bwd.hopper_dkdv(
                 plan, hopper, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, sm_scale * _kernels.LOG2E,
-                meta.first_block, meta.head_to_pattern, residues, heads_fastest and plan.vert_stride > 1):
+                meta.first_block, meta.head_to_pattern, residues, heads_fastest):
             return dq, dk, dv
         _kernels.s2_bwd_dkdv_kernel[(triton_cdiv(plan.kv_len, cfg.dkdv_block_n) * plan.num_kv_heads, plan.batch)](
             q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, residues,
