@@ -1,6 +1,7 @@
 """The warp-specialised Hopper dK/dV (s2megatron/ops/triton_s2/hopper_bwd.py) without a GPU: which calls take it,
 the fallback when it fails to compile, and that it compiles for sm_90a with the register and shared-memory budget it
 is launched with. Its numerics are checked on the GPU (tests/gpu/test_triton_s2_gpu.py: the float64 reference)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -110,6 +111,24 @@ def test_pairs_cover_every_key_tile_once(block, vert_stride, residue, kv_end):
             classes.append(stripe[0])
     assert sorted(tiles) == list(range(0, kv_end, 64))
     assert classes == sorted(classes, reverse=True)  # stripe pairs (True) before the others
+    if block == 64 and vert_stride > 1 and residue >= 0:  # program_order runs pair indices below stripe_pairs first
+        assert classes.count(True) <= hopper_bwd.stripe_pairs(kv_end, block, vert_stride)
+
+
+def test_program_order():
+    """Kv head fastest below ``stripes_first_from`` keys; from there one kv head's pairs together, the stripe pairs
+    of every kv head first (block 64 S2 layouts), or all of a head's pairs in turn (dense layouts at every length,
+    block 128). The stripe pairs are those of residue 0, the most any head has, also when a sequence ends inside a
+    stripe period."""
+    tiles = hopper_bwd.HopperDkdvTiles()
+    order = lambda **over: hopper_bwd.program_order(_plan(**over), tiles)  # noqa: E731
+    assert order(kv_len=tiles.stripes_first_from - 1) == (True, 0)
+    assert order(kv_len=tiles.stripes_first_from) == (False, 8)  # 256 blocks, 16 stripes of residue 0
+    assert order(kv_len=32768 + 64) == (False, 17)  # 513 blocks: residue 0 has 33 stripes
+    assert order(layout=S2Layout(64, 1, 1), vert_stride=1, kv_len=2048) == (False, 0)
+    assert order(layout=S2Layout(128, 8, 8), block_size=128, kv_len=65536) == (False, 0)
+    assert hopper_bwd.program_order(_plan(kv_len=65536), dataclasses.replace(tiles, stripes_first_from=1 << 40)) \
+        == (True, 0)
 
 
 def test_compile_failure_falls_back_to_the_triton_kernel(sm90, monkeypatch):
@@ -124,7 +143,7 @@ def test_compile_failure_falls_back_to_the_triton_kernel(sm90, monkeypatch):
     lse = torch.empty(1, 1, 64)
     with pytest.warns(UserWarning, match="Hopper dK/dV failed to compile"):
         launched = hopper_bwd.hopper_dkdv(plan, hopper_bwd.HopperDkdvTiles(), q, q, q, q, q, q, lse, lse, None,
-                                          1.0, 1.0, 0, None, None, True)
+                                          1.0, 1.0, 0, None, None)
     assert launched is False
     monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "1")  # forced, so that only the failed compile can decline
     with warnings.catch_warnings():

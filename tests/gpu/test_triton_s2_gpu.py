@@ -141,16 +141,19 @@ def test_hopper_forward_sweep(case, ctas, monkeypatch):
 
 
 @pytest.mark.skipif(not _sm90(), reason="the Hopper dK/dV runs on sm_90")
+@pytest.mark.parametrize("stripes_first_from", [1 << 40, 0], ids=["heads-fastest", "stripes-first"])
 @pytest.mark.parametrize("descending", [True, False], ids=["walk-down", "walk-up"])
 @pytest.mark.parametrize("case", HOPPER, ids=["hopper-dkdv-" + c["id"] for c in HOPPER])
-def test_hopper_dkdv_sweep(case, descending, monkeypatch):
+def test_hopper_dkdv_sweep(case, descending, stripes_first_from, monkeypatch):
     """The warp-specialised dK/dV at every length (S2MEGATRON_HOPPER_BWD=1; with the Triton forward, so that only
     this kernel differs from the sweep) against the float64 reference, walking each query head's chunks from the
-    last one down (the default) and from the first one up; the test fails unless that kernel ran."""
+    last one down (the default) and from the first one up, in both program orders (``hopper_bwd.program_order``);
+    the test fails unless that kernel ran."""
     from s2megatron.ops.triton_s2 import op as _op
     policy = _op._hopper_bwd.hopper_dkdv_tiles
     monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv_tiles",
-                        lambda plan, q: policy(plan, q) and dataclasses.replace(policy(plan, q), descending=descending))
+                        lambda plan, q: policy(plan, q) and dataclasses.replace(
+                            policy(plan, q), descending=descending, stripes_first_from=stripes_first_from))
     launched = []
     real = _op._hopper_bwd.hopper_dkdv
     monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv", lambda *a: launched.append(real(*a)) or launched[-1])
@@ -172,10 +175,14 @@ PAIRING = [(S2Layout(64, 1, 1), 4, 1, 1000), (S2Layout(64, 2, 2), 4, 2, 1300), (
 @pytest.mark.skipif(not _sm90(), reason="the Hopper dK/dV runs on sm_90")
 @pytest.mark.parametrize("layout,hq,hkv,length", PAIRING, ids=[f"{lay.block_size}-L{lay.local_blocks}V{lay.vert_stride}"
                                                                f"-h{hq}x{hkv}-S{n}" for lay, hq, hkv, n in PAIRING])
-def test_hopper_dkdv_pairing(layout, hq, hkv, length, monkeypatch):
+@pytest.mark.parametrize("stripes_first_from", [1 << 40, 0], ids=["heads-fastest", "stripes-first"])
+def test_hopper_dkdv_pairing(layout, hq, hkv, length, stripes_first_from, monkeypatch):
     """dK and dV of the Hopper kernel at head dim 64 against the float64 reference, for layouts whose key tiles pair
-    differently; the test fails unless that kernel ran."""
+    differently, in both program orders; the test fails unless that kernel ran."""
     from s2megatron.ops.triton_s2 import op as _op
+    policy = _op._hopper_bwd.hopper_dkdv_tiles
+    monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv_tiles", lambda plan, q: policy(plan, q) and dataclasses.replace(
+        policy(plan, q), stripes_first_from=stripes_first_from))
     launched = []
     real = _op._hopper_bwd.hopper_dkdv
     monkeypatch.setattr(_op._hopper_bwd, "hopper_dkdv", lambda *a: launched.append(real(*a)) or launched[-1])

@@ -33,7 +33,8 @@ class TileConfig:
     fwd_tma: bool = True
     dq_tma: bool = True
     dkdv_tma: bool = False
-    # dK/dV programs in kv-head-fastest order below this many keys, one head's key tiles together from it on
+    # Triton dK/dV programs in kv-head-fastest order below this many keys, one head's key tiles together from it on
+    # (the Hopper dK/dV has its own order: hopper_bwd.program_order)
     dkdv_heads_fastest_below: int = 65536
     # register limit of the dQ kernel: left to ptxas, it caps the kernel at 128 registers on sm_80 (2.7 KB of
     # spills at head dim 128, against 684 bytes at 255); on sm_90 it compiles to 236-240 registers either way

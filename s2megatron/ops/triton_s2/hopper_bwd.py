@@ -22,9 +22,17 @@ or two apart). Paired this way, each consumer has a whole walk to itself, and Q 
 
 Each query head's chunks are taken from the last one down (``HopperDkdvTiles.descending``): the CTAs of a head then
 start on the same query rows however far apart their key tiles lie. On an H100, with one head's pairs running
-together (from 64k keys, and for dense layouts: :func:`hopper_dkdv`), fwd+bwd measured 3-4 % faster at 128k and 1-3 %
-for dense layouts at 32k; with the kv head fastest (S2 layouts below 64k) and under GQA the same as walking up
-(``bench/results/logs/hopper_dkdv_walk_order_ab_H100.log``). The DRAM traffic at 32k did not change (4.52 GB).
+together, fwd+bwd measured 3-4 % faster at 128k and 1-3 % for dense layouts at 32k; with the kv head fastest and
+under GQA the same as walking up (``bench/results/logs/hopper_dkdv_walk_order_ab_H100.log``).
+
+Program order (:func:`program_order`): below 16k keys the kv head runs fastest, so that every head's stripe pairs
+(the longest walks) start at once. From 16k the stripe pairs of every kv head run first, head by head, and then
+every kv head's other pairs, head by head: the CTAs resident together then belong to few heads and walk the same
+query rows, and no head's stripes start late enough to form a tail (as they do with each head's pairs together in
+pair order). On an H100 at 32k that order read 1.6 GB from DRAM against 4.5 GB with the kv head fastest, in the same
+kernel time under ncu; fwd+bwd measured the same or up to 6 % faster from 16k to 128k
+(``bench/results/logs/hopper_dkdv_program_order_H100.log``). The DRAM traffic is therefore not what limits this
+kernel at 32k.
 
 The walk and the masks are the Triton kernel's, from the same helper (``_col_chunks``): the interior chunks (every
 query row at or after every key of the tile, inside the run and the queries) unmasked, the diagonal chunks and the
@@ -219,8 +227,8 @@ def s2_dkdv_hopper_kernel(
     Q_DESC, K_DESC, V_DESC, DO_DESC, DK, DV, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
     stride_qh, stride_kh, stride_vh, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
     stride_dvh, stride_lb, stride_lh,
-    sm_scale, qk_scale, q_len, kv_len, first_block, num_kv_heads, num_pairs, group, local_blocks, vert_stride,
-    q_rows_b, kv_rows_b,
+    sm_scale, qk_scale, q_len, kv_len, first_block, num_kv_heads, num_pairs, lead_pairs, group, local_blocks,
+    vert_stride, q_rows_b, kv_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
     STAGES: gl.constexpr, VARLEN: gl.constexpr, HEADS_FASTEST: gl.constexpr, DESCENDING: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -234,9 +242,15 @@ def s2_dkdv_hopper_kernel(
     if HEADS_FASTEST:
         kvh = gl.program_id(0) % num_kv_heads
         p = gl.program_id(0) // num_kv_heads
-    else:
-        kvh = gl.program_id(0) // num_pairs
-        p = gl.program_id(0) % num_pairs
+    else:  # one kv head's pairs together: its first lead_pairs pairs, every kv head in turn, then its other pairs
+        lead = lead_pairs * num_kv_heads
+        if gl.program_id(0) < lead:
+            kvh = gl.program_id(0) // lead_pairs
+            p = gl.program_id(0) % lead_pairs
+        else:
+            rest = gl.maximum(num_pairs - lead_pairs, 1)
+            kvh = (gl.program_id(0) - lead) // rest
+            p = lead_pairs + (gl.program_id(0) - lead) % rest
     b = gl.program_id(1)
     seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
     r = gl.load(RESIDUES + gl.load(HEAD_TO_PAT + kvh * group))  # the pairing follows the group's first head
@@ -291,6 +305,7 @@ class HopperDkdvTiles:
     block_m: int = 64         # query chunk
     block_n: int = 64         # key tile: one consumer warpgroup's 64 rows (a CTA holds two)
     descending: bool = True   # each query head's chunks from the last one down (module notes); False: up
+    stripes_first_from: int = 16384  # keys from which one kv head's pairs run together, stripes first (program_order)
 
 
 # measured on an H100 (head dim 128, fwd+bwd against the Triton dK/dV): L16V16 at 8k (1162 query rows per key tile)
@@ -342,11 +357,32 @@ def pair_count(kv_len: int, block_size: int, block_n: int) -> int:
     return blocks if block_size == 2 * block_n else -(-blocks // 2) + 1
 
 
+def stripe_pairs(kv_len: int, block_size: int, vert_stride: int) -> int:
+    """Pair indices that hold stripes (``kernels._pair_tiles`` at one tile per layout block) for some head: the
+    stripes of residue 0, the most any head has, two to a pair."""
+    blocks = -(-kv_len // block_size)
+    return -(-(-(-blocks // vert_stride)) // 2)
+
+
+def program_order(plan, tiles: HopperDkdvTiles) -> tuple[bool, int]:
+    """(kv head fastest, lead pairs): the kernel's program order. Below ``tiles.stripes_first_from`` keys the kv
+    head runs fastest. From there one kv head's pairs run together, the stripe pairs (the longest walks) of every
+    kv head first and then the other pairs, so that no head's stripes start late and form a tail, and the pairs
+    resident together belong to few heads and read the same query rows. A dense layout, whose key tiles all walk to
+    the end, and block 128, whose pairs do not put the stripes first, run one head's pairs together."""
+    if plan.vert_stride == 1:
+        return False, 0
+    if plan.kv_len < tiles.stripes_first_from:
+        return True, 0
+    if plan.block_size != tiles.block_n:
+        return False, 0
+    return False, stripe_pairs(plan.kv_len, plan.block_size, plan.vert_stride)
+
+
 def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, qk_scale,
-                first_block: int, head_to_pattern, residues, heads_fastest: bool) -> bool:
+                first_block: int, head_to_pattern, residues) -> bool:
     """Launch the kernel into ``dk`` and ``dv``; False (nothing launched) where a tensor has no TMA row view
-    (:func:`rows.row_view`) or Q and dO, K and V lay out their batch entries differently. ``heads_fastest`` is the
-    op's program order for the length; a dense layout runs one head's pairs together at every length."""
+    (:func:`rows.row_view`) or Q and dO, K and V lay out their batch entries differently."""
     views = [row_view(x, plan.varlen, plan.head_dim) for x in (q, dout, k, v)]
     if any(view is None for view in views) or views[0][2] != views[1][2] or views[2][2] != views[3][2]:
         return False
@@ -354,14 +390,14 @@ def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta,
     k_desc, v_desc = (_descriptor(x, view, tiles.block_n, plan.head_dim) for x, view in zip((k, v), views[2:]))
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
     pairs = pair_count(plan.kv_len, plan.block_size, tiles.block_n)
-    # in a dense layout every key tile walks to the end, as at long lengths: one head's pairs run together
-    heads_fastest = heads_fastest and plan.vert_stride > 1
+    heads_fastest, lead = program_order(plan, tiles)
     return launch_or_fall_back(
         s2_dkdv_hopper_kernel, (pairs * plan.num_kv_heads, plan.batch), _broken, "dK/dV",
         q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, cu, head_to_pattern, residues,
         sqh, skh, svh, sdoh, *qkv_strides(dk, plan.varlen), *qkv_strides(dv, plan.varlen),
         *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len, first_block,
-        plan.num_kv_heads, pairs, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[2][2],
+        plan.num_kv_heads, pairs, lead, plan.group, plan.local_blocks,
+        plan.vert_stride, views[0][2], views[2][2],
         HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
         STAGES=tiles.stages, VARLEN=plan.varlen, HEADS_FASTEST=heads_fastest, DESCENDING=tiles.descending,
         CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs, num_warps=4,

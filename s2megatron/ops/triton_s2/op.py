@@ -281,11 +281,10 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
             plan.group, plan.local_blocks, plan.vert_stride, kv_rows_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
             ANALYTIC=plan.analytic, DESC=dq_desc, HAS_DLSE=dlse is not None,
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, maxnreg=cfg.dq_maxnreg, **common)
-        heads_fastest = plan.kv_len < cfg.dkdv_heads_fastest_below
         hopper = _hopper_bwd.hopper_dkdv_tiles(plan, q) if _hopper_bwd is not None else None
         if hopper is not None and _hopper_bwd.hopper_dkdv(
                 plan, hopper, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, sm_scale * _kernels.LOG2E,
-                meta.first_block, meta.head_to_pattern, residues, heads_fastest):
+                meta.first_block, meta.head_to_pattern, residues):
             return dq, dk, dv
         _kernels.s2_bwd_dkdv_kernel[(triton_cdiv(plan.kv_len, cfg.dkdv_block_n) * plan.num_kv_heads, plan.batch)](
             q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, residues,
@@ -295,7 +294,7 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
             sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
             plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, q_rows_b, BLOCK_M=cfg.dkdv_block_m,
             BLOCK_N=cfg.dkdv_block_n, RUN=plan.merge_q, ANALYTIC=plan.analytic, DESC=dkdv_desc,
-            HEADS_FASTEST=heads_fastest, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common)
+            HEADS_FASTEST=plan.kv_len < cfg.dkdv_heads_fastest_below, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common)
     return dq, dk, dv
 
 
