@@ -360,8 +360,8 @@ def pair_count(kv_len: int, block_size: int, block_n: int) -> int:
 def stripe_pairs(kv_len: int, block_size: int, vert_stride: int) -> int:
     """Pair indices that hold stripes (``kernels._pair_tiles`` at one tile per layout block) for some head: the
     stripes of residue 0, the most any head has, two to a pair."""
-    blocks = -(-kv_len // block_size)
-    return -(-(-(-blocks // vert_stride)) // 2)
+    stripes = -(-kv_len // (block_size * vert_stride))  # residue 0: blocks 0, V, 2V, ... below the end
+    return -(-stripes // 2)
 
 
 def program_order(plan, tiles: HopperDkdvTiles) -> tuple[bool, int]:
@@ -396,8 +396,7 @@ def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta,
         q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, cu, head_to_pattern, residues,
         sqh, skh, svh, sdoh, *qkv_strides(dk, plan.varlen), *qkv_strides(dv, plan.varlen),
         *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len, first_block,
-        plan.num_kv_heads, pairs, lead, plan.group, plan.local_blocks,
-        plan.vert_stride, views[0][2], views[2][2],
+        plan.num_kv_heads, pairs, lead, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[2][2],
         HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
         STAGES=tiles.stages, VARLEN=plan.varlen, HEADS_FASTEST=heads_fastest, DESCENDING=tiles.descending,
         CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs, num_warps=4,
