@@ -1,24 +1,17 @@
 """The sustained-load benchmark's summary (bench/sustained.py): first steps against the steady state, and the
 clocks of the samples that were not idle."""
-import importlib.util
 import os
-import sys
 
 import pytest
+
+from script_modules import load_script
 
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 @pytest.fixture(scope="module")
 def sustained():
-    sys.path.insert(0, _BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location("sustained", os.path.join(_BENCH, "sustained.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(_BENCH)
+    return load_script(os.path.join(_BENCH, "sustained.py"), "sustained")
 
 
 def test_summary_separates_first_steps_from_the_steady_state(sustained):

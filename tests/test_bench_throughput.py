@@ -1,23 +1,16 @@
 """The training-throughput benchmark's command lines (bench/train_throughput.py): what each point runs."""
-import importlib.util
 import os
-import sys
 
 import pytest
+
+from script_modules import load_script
 
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 @pytest.fixture(scope="module")
 def tt():
-    sys.path.insert(0, _BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location("train_throughput", os.path.join(_BENCH, "train_throughput.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(_BENCH)
+    return load_script(os.path.join(_BENCH, "train_throughput.py"), "train_throughput")
 
 
 def _cmd(tt, argv, seq):

@@ -5,7 +5,6 @@ CPU-only: GPU counts, SLURM variables and `scontrol` are faked per test; nothing
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import shutil
@@ -15,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from script_modules import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_DIR = REPO_ROOT / "launch"
@@ -29,15 +30,7 @@ LAUNCH_VARS = (
 )
 
 
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("s2_launch_sweep", LAUNCH_DIR / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+sweep = load_script(LAUNCH_DIR / "sweep.py", "s2_launch_sweep")
 
 
 def _fake_bin(tmp_path: Path, name: str, body: str) -> Path:
