@@ -2,10 +2,6 @@
 the fallback when it fails to compile, and that it compiles for sm_90a with the register and shared-memory budget it
 is launched with. Its numerics are checked on the GPU (tests/gpu/test_triton_s2_gpu.py: the float64 reference)."""
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 import types
 import warnings
 
@@ -13,7 +9,7 @@ import pytest
 import torch
 
 from hopper_plans import check_policy_scope, plan_stub  # noqa: E402
-from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
+from triton_interpret import InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
@@ -39,8 +35,6 @@ def _pairs_kernel(R, OUT, kv_end, vert_stride, BS: tl.constexpr, BLOCK_N: tl.con
     tl.store(OUT + 4 * p + 1, pos_b)
     tl.store(OUT + 4 * p + 2, ok_a.to(tl.int32))
     tl.store(OUT + 4 * p + 3, ok_b.to(tl.int32))
-
-_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 _DEFAULTS = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=131072, num_heads=32,
@@ -171,8 +165,7 @@ def test_op_takes_the_triton_kernel_where_the_hopper_dkdv_declines(monkeypatch):
 
 
 _COMPILE = """
-import json, sys
-sys.path.insert(0, {bench!r})
+import json
 import kernel_resources
 print(json.dumps([kernel_resources.compile_hopper_dkdv(d, b) for d, b in ((128, 64), (64, 64), (128, 128))]))
 """
@@ -184,11 +177,7 @@ def test_compiles_for_sm90_within_its_budget():
     a CTA may use, and at most a few scalars spilled (at head dim 128 ptxas spills 36-48 bytes of the walk's loop
     state; the chunk's tiles stay in registers). In a fresh process: the interpreter
     that these tests run under (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE.format(bench=_BENCH)], capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(_BENCH), timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = compiled_in_fresh_process(_COMPILE)
     for row in rows:
         assert row["warps"] == 12, row
         assert row["registers"] <= hopper_bwd.HopperDkdvTiles().maxnreg, row

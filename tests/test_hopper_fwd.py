@@ -1,10 +1,6 @@
 """The warp-specialised Hopper forward (s2megatron/ops/triton_s2/hopper_fwd.py) without a GPU: which calls take it,
 the fallback when it fails to compile, and that it compiles for sm_90a with the register and shared-memory budget it
 is launched with. Its numerics are checked on the GPU (tests/gpu/test_triton_s2_gpu.py: the float64 reference)."""
-import json
-import os
-import subprocess
-import sys
 import types
 import warnings
 
@@ -12,7 +8,7 @@ import pytest
 import torch
 
 from hopper_plans import check_policy_scope, plan_stub  # noqa: E402
-from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
+from triton_interpret import InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
@@ -25,8 +21,6 @@ from s2megatron.sparsity import S2Layout, get_metadata  # noqa: E402
 
 _kernels = interpreted(_kernels, "s2_fwd_kernel")  # the CPU test of the op runs the Triton kernels
 _interpreter_env = _ENV.fixture()
-
-_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 _DEFAULTS = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=32768, num_heads=32,
@@ -104,8 +98,7 @@ def test_op_takes_the_triton_forward_where_the_hopper_forward_declines(monkeypat
 
 
 _COMPILE = """
-import json, sys
-sys.path.insert(0, {bench!r})
+import json
 import kernel_resources
 print(json.dumps([kernel_resources.compile_hopper_forward(d, b) for d, b in ((128, 64), (64, 64), (128, 128))]))
 """
@@ -116,11 +109,7 @@ def test_compiles_for_sm90_within_its_budget():
     consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, no spills, and the ring within the
     227 KB a CTA may use. In a fresh process: the interpreter that these tests run under (TRITON_INTERPRET)
     replaces the jit helpers the kernel calls."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE.format(bench=_BENCH)], capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(_BENCH), timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = compiled_in_fresh_process(_COMPILE)
     for row in rows:
         assert row["warps"] == 12, row
         assert row["registers"] <= hopper_fwd.hopper_tiles().maxnreg, row

@@ -5,16 +5,12 @@ before the kernels are decorated); with CUDA the same tests run on the GPU. Size
 every length reaches well past local_blocks * block_size, where the pattern differs from dense causal.
 """
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from triton_interpret import DEVICE, InterpreterEnv, interpreted  # noqa: E402
+from triton_interpret import DEVICE, InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
 from numerics import rel_err  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -557,8 +553,7 @@ def test_bad_inputs_raise():
 
 
 _COMPILE_DQ = """
-import json, sys
-sys.path.insert(0, {bench!r})
+import json
 import kernel_resources
 from s2megatron.ops.triton_s2 import config
 rows = []
@@ -573,12 +568,7 @@ def test_dq_kernel_compiles_within_its_register_limit():
     """The dQ kernel (which also computes Delta) compiled by ptxas as launched, with ``TileConfig.dq_maxnreg``: on
     sm_80 it may use the whole register file (ptxas left to itself caps it at 128 registers and spills 2.7 KB at
     head dim 128), spilling under 1 KB; on sm_90 nothing. In a fresh process, without the interpreter."""
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE_DQ.format(bench=bench)], capture_output=True, text=True,
-                         env=env, cwd=bench, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = compiled_in_fresh_process(_COMPILE_DQ, timeout=600)
     for row in rows:
         assert row["registers"] > 128, row
         assert row["spill_store_bytes"] < 1024, row

@@ -15,13 +15,17 @@ module imports and runs, so other tests see the environment as it was.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 CPU = not torch.cuda.is_available()
 DEVICE = "cpu" if CPU else "cuda"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class InterpreterEnv:
@@ -83,3 +87,15 @@ def backend_fixture(module):
             assert module._use_triton(torch.empty(1, device=DEVICE))
         return request.param
     return backend
+
+
+def compiled_in_fresh_process(code: str, timeout: int = 300):
+    """What ``code`` prints as JSON on its last line, run in a fresh Python without the interpreter (the
+    interpreter replaces the jit helpers a kernel calls, so compiling a kernel for a GPU needs a process of its
+    own), from the repository root with ``bench/`` importable (``kernel_resources``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    prelude = f"import sys; sys.path.insert(0, {os.path.join(_REPO, 'bench')!r})\n"
+    res = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, env=env, cwd=_REPO,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
