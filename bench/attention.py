@@ -67,15 +67,21 @@ def ours(layout, n, hq=H, hkv=H, bwd=True):
     return res
 
 
+def fwd_bwd_step(layout, n, sm_scale=D ** -0.5):
+    """One forward + backward of our kernels at ``n`` tokens on fresh random inputs, as a function to call again."""
+    q, k, v = rand(B, n, H, D), rand(B, n, H, D), rand(B, n, H, D)
+    do = torch.randn_like(q)
+    return lambda: torch.autograd.grad(triton_s2_attention(q, k, v, layout, sm_scale=sm_scale), (q, k, v), do)
+
+
 def warm_up(layout, n=8192, seconds=1.0):
     """Untimed forward + backward steps for ``seconds`` before the first timed row: the process's first timed row
     otherwise measured up to 20 % slower than the same kernel later in the run (8k forward 0.427 / 0.453 ms against
     0.355 / 0.361, two calls on an H100)."""
-    q, k, v = rand(B, n, H, D), rand(B, n, H, D), rand(B, n, H, D)
-    do = torch.randn_like(q)
+    step = fwd_bwd_step(layout, n)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        torch.autograd.grad(triton_s2_attention(q, k, v, layout, sm_scale=D ** -0.5), (q, k, v), do)
+        step()
         torch.cuda.synchronize()
 
 
@@ -147,9 +153,7 @@ def long_cudnn_fwd(n):
 def profile_split(layout, n):
     """CUDA time per kernel of one forward + backward (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile
-    q, k, v = rand(B, n, H, D), rand(B, n, H, D), rand(B, n, H, D)
-    do = torch.randn_like(q)
-    f = lambda: torch.autograd.grad(triton_s2_attention(q, k, v, layout, sm_scale=0.088), (q, k, v), do)  # noqa: E731
+    f = fwd_bwd_step(layout, n, sm_scale=0.088)
     f()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

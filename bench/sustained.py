@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -29,11 +28,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from attention import B, D, H, fwd_bwd_step  # noqa: E402
 from report import card_tag, write_markdown  # noqa: E402
-from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
 
-B, H, D = 1, 32, 128
 LAYOUT = S2Layout(64, 16, 16)
 FIRST = 10  # steps that make up "first"
 COOL_S = 5.0  # idle seconds before each row's timed steps
@@ -115,14 +113,6 @@ def summary(ms: list, samples: list) -> dict:
     return out
 
 
-def ours_step(n: int):
-    q, k, v, do = (torch.randn(B, n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for x in (q, k, v):
-        x.requires_grad_()
-    sm = 1.0 / math.sqrt(D)
-    return lambda: torch.autograd.grad(triton_s2_attention(q, k, v, LAYOUT, sm_scale=sm), (q, k, v), do)
-
-
 def cudnn_step(n: int):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     q, k, v, do = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -146,7 +136,7 @@ def main():
     card = torch.cuda.get_device_name()
     sampler = Sampler(torch.cuda.current_device())
     rows = []
-    cases = [("ours S2 L16V16", n, ours_step) for n in args.seqs]
+    cases = [("ours S2 L16V16", n, lambda n: fwd_bwd_step(LAYOUT, n)) for n in args.seqs]
     if args.cudnn_seq:
         cases.append(("cuDNN dense causal", args.cudnn_seq, cudnn_step))
     try:
