@@ -69,22 +69,63 @@ def _signature(fn, constexprs: dict, desc_type):
     return sig, attrs
 
 
+_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+_LOCAL = re.compile(r"\b(LDL|STL)\b")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*)")
+_BRANCH = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
+
+
+def loop_local_memory(sass: str) -> int:
+    """Local-memory instructions (spill loads and stores, ``LDL`` / ``STL``) inside the innermost loops that hold
+    tensor-core instructions (the key-tile loops), from ``nvdisasm`` output. A loop is a backward branch and the
+    code from its target up to it; branches after the last ``EXIT`` are the out-of-line retries of barrier waits,
+    which jump back into a loop, not loops."""
+    labels, instrs, pending = {}, [], []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = _INSTR.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            instrs.append((addr, m.group(2)))
+    last_exit = max((a for a, text in instrs if re.search(r"\bEXIT\b", text)), default=-1)
+    loops = []
+    for addr, text in instrs:
+        br = _BRANCH.search(text)
+        if br and addr < last_exit and labels.get(br.group(1), addr + 1) <= addr:
+            loops.append((labels[br.group(1)], addr))
+    mma = [a for a, text in instrs if _MMA.search(text)]
+    tensor = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi for a in mma)]
+    innermost = [(lo, hi) for lo, hi in tensor
+                 if not any((lo, hi) != (l2, h2) and lo <= l2 and h2 <= hi for l2, h2 in tensor)]
+    return sum(1 for a, text in instrs if _LOCAL.search(text) and any(lo <= a <= hi for lo, hi in innermost))
+
+
 def ptxas_report(ptx: str, arch: int) -> dict:
-    """Registers, spill bytes and static shared memory from ``ptxas -v``."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    """Registers, spill bytes and static shared memory from ``ptxas -v``; local-memory instructions in the key-tile
+    loops (:func:`loop_local_memory`) from ``nvdisasm``."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
+        path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(path, "w") as f:
             f.write(ptx)
         suffix = "a" if arch >= 90 else ""  # the arch-specific features (wgmma, TMA) of sm_90a and later
-        res = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+        res = subprocess.run([os.path.join(bin_dir, "ptxas"), f"-arch=sm_{arch}{suffix}", "-v", path, "-o", cubin],
                              capture_output=True, text=True, check=True)
+        sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
     text = res.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return {"registers": int(regs.group(1)) if regs else None,
             "spill_store_bytes": int(spill.group(1)) if spill else None,
-            "spill_load_bytes": int(spill.group(2)) if spill else None}
+            "spill_load_bytes": int(spill.group(2)) if spill else None,
+            "loop_local_memory": loop_local_memory(sass)}
 
 
 def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int, arch: int, desc_rows: int,

