@@ -40,8 +40,8 @@ its own 64 query rows keep (``_live_halves``): a 128-row tile walks the union of
 diagonal block past the first row and the repeat that pads the last tile. Counted from the pattern (L16V16, block
 64), the products computed over the (query, key) pairs kept were 1.104 / 1.064 / 1.025 at 8k / 32k / 128k with whole
 tiles, and are 1.028 / 1.016 / 1.006 (the diagonal blocks' upper triangles) with halves. The halves are not
-pipelined (S, softmax and P V of one, then the next): on an H100 the forward measured 4-9 % faster from 16k to 128k
-and 7 % slower at 8k, where the Triton forward runs.
+pipelined (S, softmax and P V of one, then the next). Against whole tiles, in one process on one H100: 5 / 4 / 2 %
+faster at 16k / 32k / 128k (block 128 at 32k 3 %, dense 0-2 %), 8 % slower at 8k, where the Triton forward runs.
 
 Scope (:func:`hopper_forward_tiles`): an S2Layout of block 64 or 128, head dim 64 or 128, bf16/fp16, an sm_90 GPU,
 tensors a TMA descriptor can read, and rows of at least ``MIN_ROW_KEYS`` kept keys (shorter rows: the Triton forward
@@ -422,8 +422,8 @@ def _sm_count(device_index: int) -> int:
 
 
 # the Triton forward measured faster where the rows are short (H100, head dim 128, the persistent grid; speed-up of
-# this kernel over the Triton forward, python bench/hopper_forward.py): L16V16 at 8k (23 kept blocks of 64 in the
-# last row) 0.93x; at 16k (31 blocks) 1.14x, at 32k (47 blocks) 1.17x, dense 8k 1.17x
+# this kernel over the Triton forward, python bench/hopper_forward.py, two H100s): L16V16 at 8k (23 kept blocks of 64
+# in the last row) 0.93x and 1.07x; at 16k (31 blocks) 1.12-1.14x, at 32k (47 blocks) 1.14-1.17x, dense 8k 1.17-1.25x
 # (bench/results/attention_NOTES.md). S2MEGATRON_HOPPER_FWD=1 takes this kernel for every call it can run, =0 never
 MIN_ROW_KEYS = 1600
 # persistent CTAs where the last row keeps under this share of the keys (S2 rows: local blocks and stripes, the same
