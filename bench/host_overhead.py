@@ -9,6 +9,12 @@ on any machine:
 
 A real launch adds Triton's own launcher cost per kernel (one kernel forward, two backward: dQ, which also computes
 Delta, and dK/dV). Writes ``host_overhead_cpu.md`` under --out.
+
+With ``--gpu`` it launches for real on the GPU instead (B=1, H=32, D=128, bf16, L16V16, ``--seqs``): the host time
+per call (calls enqueued back to back, no sync inside the timed loop), ``triton.testing.do_bench`` (the benchmarks'
+timer: an L2 flush before each repeat, CUDA events around the call) and ``do_bench_cudagraph`` (the same call replayed
+from a CUDA graph, which has no host time). Where the first two medians agree, the benchmarks time the GPU, not the
+host. Writes ``host_overhead_<card>.md``.
 """
 from __future__ import annotations
 
@@ -84,10 +90,68 @@ def measure(seq: int = 8192, heads: int = 8, head_dim: int = 128, calls: int = 1
     return rows
 
 
+def _host_us_per_call(fn, calls: int = 50, repeats: int = 5) -> float:
+    """Host time per call of ``calls`` calls enqueued back to back (few enough that the launch queue never fills),
+    median over ``repeats``, the GPU drained between them."""
+    runs = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t0) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(runs)
+
+
+def measure_gpu(seqs, heads: int = 32, head_dim: int = 128) -> list:
+    import triton
+    layout = S2Layout(64, 16, 16)
+    rows = []
+    for seq in seqs:
+        q, k, v = (torch.randn(1, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        grad_out = torch.randn_like(q)
+
+        def forward():
+            with torch.no_grad():
+                return triton_s2.triton_s2_attention(q, k, v, layout, sm_scale=head_dim ** -0.5)
+
+        def forward_backward():
+            out = triton_s2.triton_s2_attention(q, k, v, layout, sm_scale=head_dim ** -0.5)
+            return torch.autograd.grad(out, (q, k, v), grad_out)
+
+        for name, fn in (("forward", forward), ("forward + backward", forward_backward)):
+            fn()
+            rows.append({"seq": seq, "call": name, "host_us": _host_us_per_call(fn),
+                         "do_bench_ms": triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"),
+                         "cudagraph_ms": triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")})
+    return rows
+
+
+def main_gpu(args):
+    from report import card_tag
+    card = torch.cuda.get_device_name()
+    rows = measure_gpu(args.seqs)
+    lines = [f"# Host time and GPU time of one S2 attention call on {card}", "",
+             f"`python bench/host_overhead.py --gpu`, torch {torch.__version__}, {os.cpu_count()} CPUs; B=1, H=32, "
+             "D=128, bf16, L16V16. Host: microseconds per call enqueued back to back (median of 5 runs of 50 calls); "
+             "do_bench and CUDA graph: medians in ms.", "",
+             "| seq | call | host us | do_bench ms | CUDA graph ms |", "|---|---|---|---|---|"]
+    lines += [f"| {r['seq']} | {r['call']} | {r['host_us']:.0f} | {r['do_bench_ms']:.3f} | {r['cudagraph_ms']:.3f} |"
+              for r in rows]
+    os.makedirs(args.out, exist_ok=True)
+    write_markdown(os.path.join(args.out, f"host_overhead_{card_tag(card)}.md"), lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--gpu", action="store_true", help="real launches on the GPU (see above)")
+    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
     args = ap.parse_args()
+    if args.gpu:
+        return main_gpu(args)
     rows = measure()
     lines = ["# Host time of one S2 attention call (kernel launches stubbed out)", "",
              f"`python bench/host_overhead.py` on {platform.processor() or platform.machine()} "
