@@ -110,6 +110,7 @@ def _issue_kv(t, slot, n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert
 @gluon.jit
 def _half_entry(t, g: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr):
     """(walk entry, key offset in its block) of the 64 keys ``64 g .. 64 g + 63`` of key tile ``t``."""
+    gl.static_assert(BS >= 64, "a 64-key half lies in one layout block")
     if BS < BLOCK_N:
         return t * (BLOCK_N // BS) + (g * 64) // BS, (g * 64) % BS
     else:
