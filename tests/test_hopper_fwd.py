@@ -45,10 +45,11 @@ def test_which_calls_take_the_hopper_forward(sm90, monkeypatch):
     assert hopper_fwd.hopper_forward_tiles(_plan(block_size=128, head_dim=64), q.half()) is not None
     dense = hopper_fwd.hopper_forward_tiles(_plan(layout=S2Layout(64, 1, 1), kv_len=8192), q)
     assert dense is not None and not dense.persistent  # every key kept: one CTA per query tile
-    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")  # forced where the length rule declines: still persistent
     assert hopper_fwd.hopper_forward_tiles(_plan(kv_len=8192), q).persistent  # 1472 kept keys, 18 %
+    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")  # forced where the length rule declines: still persistent
+    assert hopper_fwd.hopper_forward_tiles(_plan(kv_len=4096), q).persistent  # 1216 kept keys, 30 %
     monkeypatch.delenv("S2MEGATRON_HOPPER_FWD")
-    declined = (dict(kv_len=8192), dict(analytic=False), dict(block_size=32), dict(block_size=256),
+    declined = (dict(kv_len=4096), dict(analytic=False), dict(block_size=32), dict(block_size=256),
                 dict(head_dim=80), dict(head_dim=256), dict(device=torch.device("cpu")))
     check_policy_scope(hopper_fwd.hopper_forward_tiles, _plan, "S2MEGATRON_HOPPER_FWD", declined, monkeypatch,
                        hopper_fwd)

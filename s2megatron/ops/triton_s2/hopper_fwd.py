@@ -422,11 +422,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# the Triton forward measured faster where the rows are short (H100, head dim 128, the persistent grid; speed-up of
-# this kernel over the Triton forward, python bench/hopper_forward.py, two H100s): L16V16 at 8k (23 kept blocks of 64
-# in the last row) 0.93x and 1.07x; at 16k (31 blocks) 1.12-1.14x, at 32k (47 blocks) 1.14-1.17x, dense 8k 1.17-1.25x
-# (bench/results/attention_NOTES.md). S2MEGATRON_HOPPER_FWD=1 takes this kernel for every call it can run, =0 never
-MIN_ROW_KEYS = 1600
+# the Triton forward measured faster where the rows are short (H100, head dim 128, the persistent grid): with whole
+# masked tiles this kernel ran 0.97-0.99x the Triton forward at 8k (L16V16: 23 kept blocks of 64 in the last row,
+# 1472 keys); with the masked halves its GPU time at 8k is 0.348-0.351 ms against 0.382-0.389 (CUDA graph replays,
+# which leave the host out) and 0.39 against 0.42 under ncu; at 16k (31 blocks) 1.12-1.14x, at 32k (47 blocks)
+# 1.14-1.17x, dense 8k 1.17-1.25x (bench/results/attention_NOTES.md). Shorter rows were not measured and keep the
+# Triton forward. S2MEGATRON_HOPPER_FWD=1 takes this kernel for every call it can run, =0 never
+MIN_ROW_KEYS = 1400
 # persistent CTAs where the last row keeps under this share of the keys (S2 rows: local blocks and stripes, the same
 # stripes for every query tile of a head; 32k 1.04-1.05x, 128k 1.01-1.02x, 8k 1.03-1.04x over one CTA per query tile);
 # dense rows, which read the head's whole K/V prefix, measured slower on it (dense 32k: 15.7-16.1 ms against 14.2-15.0)
@@ -444,10 +446,11 @@ def hopper_tiles() -> HopperTiles:
     return HopperTiles(stages=3)
 
 
+@lru_cache(maxsize=256)
 def row_keys(patterns, layout, kv_len: int) -> float:
     """Kept keys of the last query row, averaged over the heads (``patterns``: the layout's StridePatterns for the
     call's heads): the ``L`` local blocks and the stripes below them, or every block for a dense head. The longest
-    row walk of the call: the kernel pays its per-tile overhead once per walk."""
+    row walk of the call: the kernel pays its per-tile overhead once per walk. Cached per call shape."""
     blocks = -(-kv_len // layout.block_size)
     local = min(layout.local_blocks, blocks)
     start = blocks - local  # first local block of the last row
@@ -497,10 +500,15 @@ def launch_or_fall_back(kernel, grid, broken: list, what: str, *args, **kwargs) 
     return True
 
 
+@lru_cache(maxsize=None)
+def _smem_layout(block_rows: int, head_dim: int, bf16: bool):
+    """The shared-memory layout of a TMA block (built once per shape: building it costs host time per call)."""
+    return gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], gl.bfloat16 if bf16 else gl.float16)
+
+
 def _descriptor(x, view, block_rows, head_dim):
     shape, strides, _ = view
-    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], dtype)
+    layout = _smem_layout(block_rows, head_dim, x.dtype == torch.bfloat16)
     return TensorDescriptor(x, shape, strides, [block_rows, head_dim], layout)
 
 
