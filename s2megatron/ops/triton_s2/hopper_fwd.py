@@ -41,7 +41,8 @@ diagonal block past the first row and the repeat that pads the last tile. Counte
 64), the products computed over the (query, key) pairs kept were 1.104 / 1.064 / 1.025 at 8k / 32k / 128k with whole
 tiles, and are 1.028 / 1.016 / 1.006 (the diagonal blocks' upper triangles) with halves. The halves are not
 pipelined (S, softmax and P V of one, then the next). Against whole tiles, in one process on one H100: 5 / 4 / 2 %
-faster at 16k / 32k / 128k (block 128 at 32k 3 %, dense 0-2 %), 8 % slower at 8k, where the Triton forward runs.
+faster at 16k / 32k / 128k (block 128 at 32k 3 %, dense 0-2 %); at 8k 8 % slower in that timer, which was host bound
+there in part, and 12-13 % faster under ncu (0.39 against 0.445 ms; 32k 2.17 against 2.35).
 
 Scope (:func:`hopper_forward_tiles`): an S2Layout of block 64 or 128, head dim 64 or 128, bf16/fp16, an sm_90 GPU,
 tensors a TMA descriptor can read, and rows of at least ``MIN_ROW_KEYS`` kept keys (shorter rows: the Triton forward
