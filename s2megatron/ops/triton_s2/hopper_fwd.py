@@ -45,9 +45,10 @@ faster at 16k / 32k / 128k (block 128 at 32k 3 %, dense 0-2 %); at 8k 8 % slower
 there in part, and 12-13 % faster under ncu (0.39 against 0.445 ms; 32k 2.17 against 2.35).
 
 Scope (:func:`hopper_forward_tiles`): an S2Layout of block 64 or 128, head dim 64 or 128, bf16/fp16, an sm_90 GPU,
-tensors a TMA descriptor can read, and rows of at least ``MIN_ROW_KEYS`` kept keys (shorter rows: the Triton forward
-measured faster). Everything else takes the Triton forward, as does every call once the kernel failed to compile
-(another Triton version: Gluon is experimental), with one warning.
+tensors a TMA descriptor can read, and rows of at least ``MIN_ROW_KEYS`` kept keys (with whole masked tiles the
+Triton forward measured faster on shorter rows; with the halves, rows under 1400 keys were not measured). Everything
+else takes the Triton forward, as does every call once the kernel failed to compile (another Triton version: Gluon is
+experimental), with one warning.
 """
 from __future__ import annotations
 
