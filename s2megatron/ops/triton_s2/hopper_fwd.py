@@ -66,7 +66,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .kernels import _LN2, _fast_split, _interior_block, _row_walk, _seq_bounds
+from .kernels import _LN2, _fast_split, _interior_block, _last_keeping_row, _row_walk, _seq_bounds
 from .rows import lse_strides, qkv_strides, row_view
 
 
@@ -120,13 +120,6 @@ def _half_entry(t, g: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _last_row(j, w0, w3, width, vert_stride, ROWS: gl.constexpr):
-    """Last layout row of the query tile (0 .. ROWS - 1) that keeps key block ``j``: every row keeps a stripe, a local
-    block is kept by the ``width`` rows from it."""
-    return gl.where((j % vert_stride) == w0, ROWS - 1, gl.minimum(j + width - 1 - w3, ROWS - 1))
-
-
-@gluon.jit
 def _live_halves(wg: gl.constexpr, n_ent, n_in_e, n_in, w0, w1, w2, w3, m1, mid_start, width, vert_stride, tile_pos0,
                  BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
     """Which 64-key halves of the masked key tiles consumer ``wg``'s 64 query rows keep, as bits
@@ -139,7 +132,7 @@ def _live_halves(wg: gl.constexpr, n_ent, n_in_e, n_in, w0, w1, w2, w3, m1, mid_
     for u in gl.static_range(2 * (BLOCK_N // 64)):
         e, off = _half_entry(n_in + u // (BLOCK_N // 64), u % (BLOCK_N // 64), BS, BLOCK_N)
         j = _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride)
-        live = ((e < n_ent) & ((wg * 64) // BS <= _last_row(j, w0, w3, width, vert_stride, ROWS))
+        live = ((e < n_ent) & ((wg * 64) // BS <= _last_keeping_row((j % vert_stride) == w0, j, w3, width, ROWS))
                 & (j * BS + off <= tile_pos0 + wg * 64 + 63))
         bits = bits | (live.to(gl.int32) << u)
     return bits
@@ -156,7 +149,7 @@ def _masked_half(s, t, g: gl.constexpr, wg: gl.constexpr, n_in_e, w0, w1, w2, w3
     e, off = _half_entry(t, g, BS, BLOCK_N)
     j = _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride)
     k_pos = j * BS + off + gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
-    row_keeps = sub_row <= _last_row(j, w0, w3, width, vert_stride, ROWS)
+    row_keeps = sub_row <= _last_keeping_row((j % vert_stride) == w0, j, w3, width, ROWS)
     allowed = (k_pos[None, :] <= q_pos[:, None]) & row_keeps[:, None]
     return gl.where(allowed, s, float("-inf"))
 

@@ -95,6 +95,13 @@ def _row_walk(ROW_PTR, RESIDUES, pat, tile, num_tiles, first_block, kv_end, loca
 
 
 @triton.jit
+def _last_keeping_row(stripe, j, w3, width, ROWS: tl.constexpr):
+    """Last layout row of an S2 query tile (0 .. ROWS - 1, counted from its first block ``w3``) that keeps key block
+    ``j``: every row keeps a stripe, a local block is kept by the ``width`` rows from it."""
+    return tl.where(stripe, ROWS - 1, tl.minimum(j + width - 1 - w3, ROWS - 1))
+
+
+@triton.jit
 def _row_entry(e, ok, w0, w1, w2, w3, width, vert_stride, ROW_COLS, ROW_LAST,
                ROWS: tl.constexpr, ANALYTIC: tl.constexpr):
     """Entry ``e`` (scalar or vector; ``ok`` false past the end) of a row walk: (key block, last keeping row of the
@@ -104,8 +111,7 @@ def _row_entry(e, ok, w0, w1, w2, w3, width, vert_stride, ROW_COLS, ROW_LAST,
         j = tl.where(below, w0 + e * vert_stride, w2 + e - w1)
         # a stripe (also one inside the local range) is kept by every later row; a local block by L rows
         stripe = below | (j % vert_stride == w0)
-        last = tl.where(stripe, ROWS - 1, tl.minimum(j + width - 1 - w3, ROWS - 1))
-        return j, tl.where(ok, last, -1)
+        return j, tl.where(ok, _last_keeping_row(stripe, j, w3, width, ROWS), -1)
     else:
         j = tl.load(ROW_COLS + w0 + e, mask=ok, other=0)
         return j, tl.load(ROW_LAST + w0 + e, mask=ok, other=-1)
