@@ -54,7 +54,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .hopper_fwd import _descriptor, hopper_runnable, launch_or_fall_back
+from .hopper_fwd import _descriptor, _invalidate_ring, _ring_barriers, hopper_runnable, launch_or_fall_back
 from .kernels import _LOG2E, _col_chunks, _pair_tiles, _seq_bounds
 from .rows import lse_strides, qkv_strides, row_view
 
@@ -266,12 +266,8 @@ def s2_dkdv_hopper_kernel(
         vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], vec_layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], vec_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ready, empty = _ring_barriers(STAGES)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
         mbarrier.init(kv_bar, count=1)
         gl.warp_specialize([
             (_dkdv_consume, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, kv_bar,
@@ -290,9 +286,7 @@ def s2_dkdv_hopper_kernel(
                           stride_lb, stride_lh, first_block, group, local_blocks, vert_stride,
                           BLOCK_M, BLOCK_N, BS, STAGES, DESCENDING)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-            mbarrier.invalidate(empty.index(i))
+        _invalidate_ring(ready, empty, STAGES)
         mbarrier.invalidate(kv_bar)
 
 

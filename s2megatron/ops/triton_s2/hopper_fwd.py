@@ -347,6 +347,25 @@ def _ws_load(Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar
 
 
 @gluon.jit
+def _ring_barriers(STAGES: gl.constexpr):
+    """The barriers of a ring of ``STAGES`` shared-memory slots, one pair per slot: ``ready`` (the producer's TMA
+    copies into the slot have landed) and ``empty`` (both consumers have released it)."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    return ready, empty
+
+
+@gluon.jit
+def _invalidate_ring(ready, empty, STAGES: gl.constexpr):
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+@gluon.jit
 def s2_fwd_hopper_kernel(
     Q_DESC, K_DESC, V_DESC, O, LSE, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
     stride_qh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
@@ -367,13 +386,9 @@ def s2_fwd_hopper_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], Q_DESC.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready, empty = _ring_barriers(STAGES)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_free, count=2)
     gl.warp_specialize([
@@ -390,9 +405,7 @@ def s2_fwd_hopper_kernel(
                     num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
                     BS, ROWS, BLOCK_N, STAGES, VARLEN)),
     ], [4, 1], [CONSUMER_REGS, 24])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
+    _invalidate_ring(ready, empty, STAGES)
     mbarrier.invalidate(q_bar)
     mbarrier.invalidate(q_free)
 
