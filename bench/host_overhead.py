@@ -55,15 +55,19 @@ def _stub_launches():
     triton_s2.decorated_for_interpreter = lambda kernel: True
 
 
-def _median_us(fn, calls: int, repeats: int = 7) -> float:
-    for _ in range(calls // 10):
+def _median_us(fn, calls: int, repeats: int = 7, warmup=None, settle=lambda: None) -> float:
+    """Median over ``repeats`` of the host time per call of ``calls`` calls in a row, after ``warmup`` calls (a tenth
+    of ``calls`` unless given); ``settle`` runs before each repeat and after the last (outside the timed loops)."""
+    for _ in range(calls // 10 if warmup is None else warmup):
         fn()
     runs = []
     for _ in range(repeats):
+        settle()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         runs.append((time.perf_counter() - t0) / calls * 1e6)
+    settle()
     return statistics.median(runs)
 
 
@@ -90,20 +94,6 @@ def measure(seq: int = 8192, heads: int = 8, head_dim: int = 128, calls: int = 1
     return rows
 
 
-def _host_us_per_call(fn, calls: int = 50, repeats: int = 5) -> float:
-    """Host time per call of ``calls`` calls enqueued back to back (few enough that the launch queue never fills),
-    median over ``repeats``, the GPU drained between them."""
-    runs = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - t0) / calls * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(runs)
-
-
 def measure_gpu(seqs, heads: int = 32, head_dim: int = 128) -> list:
     import triton
     layout = S2Layout(64, 16, 16)
@@ -123,7 +113,9 @@ def measure_gpu(seqs, heads: int = 32, head_dim: int = 128) -> list:
 
         for name, fn in (("forward", forward), ("forward + backward", forward_backward)):
             fn()
-            rows.append({"seq": seq, "call": name, "host_us": _host_us_per_call(fn),
+            # calls few enough that the launch queue never fills; the GPU drained between the repeats
+            host_us = _median_us(fn, 50, repeats=5, warmup=0, settle=torch.cuda.synchronize)
+            rows.append({"seq": seq, "call": name, "host_us": host_us,
                          "do_bench_ms": triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"),
                          "cudagraph_ms": triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")})
     return rows
