@@ -113,8 +113,9 @@ def _interior_step(cur, p, ds, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem
                    HAS_NEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    s_layout: gl.constexpr, a_layout: gl.constexpr):
     """Interior chunk at ring position ``cur`` for one consumer, whose P^T and dS^T are ``p`` and ``ds``: issue
-    S^T and dP^T of the next chunk (interior too: no mask) with dV += P^T dO and dK += dS^T Q of this one, wait for
-    all four, release this chunk's slot and compute the next chunk's P^T and dS^T."""
+    dV += P^T dO and dK += dS^T Q, and with them S^T of the next chunk (interior too: no mask); once dV and dK are
+    done (wait groups complete in order, S^T may still run), release this chunk's slot and issue dP^T of the next
+    chunk; then compute the next chunk's P^T and dS^T."""
     slot = cur % STAGES
     dv_tok = warpgroup_mma(p, do_smem.index(slot), dv, is_async=True)
     dk_tok = warpgroup_mma(ds, q_smem.index(slot), dk, is_async=True)
