@@ -70,25 +70,31 @@ _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
-def _dkdv_chunk(it, pos, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, qk_scale,
-                k_pos, hi_b, first_block, MASKED: gl.constexpr,
-                BS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                s_layout: gl.constexpr, a_layout: gl.constexpr):
-    """Query chunk ``it`` of the walk (ring slot ``it % STAGES``, first query position ``pos``) for one consumer."""
+def _scores(slot, k_smem, v_smem, q_smem, do_smem, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+            s_layout: gl.constexpr):
+    """S^T = K Q^T and dP^T = V dO^T of the chunk in ring slot ``slot``, issued together and waited for."""
+    zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    s_tok = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), zeros, use_acc=False, is_async=True)
+    dp_tok = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), zeros, use_acc=False, is_async=True)
+    return warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
+
+
+@gluon.jit
+def _masked_chunk(it, pos, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, qk_scale,
+                  k_pos, hi_b, first_block, BS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr):
+    """Query chunk ``it`` of the walk (ring slot ``it % STAGES``, first query position ``pos``) for one consumer,
+    with the causal, run and query masks; its products one after the other."""
     slot = it % STAGES
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
     q = q_smem.index(slot)
     do = do_smem.index(slot)
-    zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-    s_tok = warpgroup_mma(k_smem, q.permute((1, 0)), zeros, use_acc=False, is_async=True)
-    dp_tok = warpgroup_mma(v_smem, do.permute((1, 0)), zeros, use_acc=False, is_async=True)
-    s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
+    s, dp = _scores(slot, k_smem, v_smem, q_smem, do_smem, BLOCK_M, BLOCK_N, s_layout)
     p = gl.exp2(s * qk_scale - lse_smem.index(slot).load(col_layout)[None, :])
-    if MASKED:
-        cols = pos + gl.arange(0, BLOCK_M, layout=col_layout)
-        allowed = (k_pos[:, None] <= cols[None, :]) & ((cols[None, :] // BS - first_block) <= hi_b)
-        p = gl.where(allowed, p, 0.0)
+    cols = pos + gl.arange(0, BLOCK_M, layout=col_layout)
+    allowed = (k_pos[:, None] <= cols[None, :]) & ((cols[None, :] // BS - first_block) <= hi_b)
+    p = gl.where(allowed, p, 0.0)
     ds = p * (dp - delta_smem.index(slot).load(col_layout)[None, :])
     dv_tok = warpgroup_mma(gl.convert_layout(p.to(q.dtype), a_layout), do, dv, is_async=True)
     dk_tok = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), a_layout), q, dk, is_async=True)
@@ -143,9 +149,8 @@ def _edge_chunk(it, pos, own, q_lo, n_tot, dk, dv, k_smem, v_smem, q_smem, do_sm
     released."""
     c = (pos - q_lo) // BLOCK_M  # q_lo and pos are multiples of BLOCK_M
     if own & (c >= 0) & (c < n_tot):
-        dk, dv = _dkdv_chunk(it, pos, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
-                             qk_scale, k_pos, hi_b, first_block, True, BS, BLOCK_M, BLOCK_N, STAGES, s_layout,
-                             a_layout)
+        dk, dv = _masked_chunk(it, pos, dk, dv, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty,
+                               qk_scale, k_pos, hi_b, first_block, BS, BLOCK_M, BLOCK_N, STAGES, s_layout, a_layout)
     else:
         mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
         mbarrier.arrive(empty.index(it % STAGES), count=1)
@@ -231,12 +236,7 @@ def _dkdv_consume(wg: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, d
         if i_b > i_a:  # interior chunks, pipelined: S^T and dP^T of the next chunk with dV and dK of this one
             cur = it + i_a
             mbarrier.wait(ready.index(cur % STAGES), (cur // STAGES) & 1)
-            zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-            s_tok = warpgroup_mma(k_t, q_smem.index(cur % STAGES).permute((1, 0)), zeros, use_acc=False,
-                                  is_async=True)
-            dp_tok = warpgroup_mma(v_t, do_smem.index(cur % STAGES).permute((1, 0)), zeros, use_acc=False,
-                                   is_async=True)
-            s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
+            s, dp = _scores(cur % STAGES, k_t, v_t, q_smem, do_smem, BLOCK_M, BLOCK_N, s_layout)
             p, ds = _p_ds(s, dp, cur % STAGES, lse_smem, delta_smem, qk_scale, q_smem.dtype, s_layout, a_layout)
             for i in range(i_a, i_b - 1):
                 p, ds, dk, dv = _interior_step(it + i, p, ds, dk, dv, k_t, v_t, q_smem, do_smem, lse_smem,
