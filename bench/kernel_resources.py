@@ -28,7 +28,6 @@ from s2megatron.ops.triton_s2 import config as tile_cfg  # noqa: E402
 from s2megatron.ops.triton_s2 import kernels  # noqa: E402
 
 try:
-    from triton.experimental.gluon import language as gl  # noqa: E402
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
     from s2megatron.ops.triton_s2 import hopper_bwd, hopper_fwd  # noqa: E402
@@ -153,7 +152,7 @@ def _compile_gluon_sm90(fn, constexprs: dict, desc_rows, head_dim: int, maxnreg:
     ``desc_rows(name)`` is the block height of tensor descriptor ``name``."""
     def desc_type(name):
         rows = desc_rows(name)
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.bfloat16)
+        layout = hopper_fwd._smem_layout(rows, head_dim, True)  # as the launcher builds it (bf16)
         return f"tensordesc<bf16[{rows},{head_dim}],{layout!r}>"
 
     sig, attrs = _signature(fn, constexprs, desc_type)

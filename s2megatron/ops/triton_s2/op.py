@@ -294,7 +294,8 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
             sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
             plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, q_rows_b, BLOCK_M=cfg.dkdv_block_m,
             BLOCK_N=cfg.dkdv_block_n, RUN=plan.merge_q, ANALYTIC=plan.analytic, DESC=dkdv_desc,
-            HEADS_FASTEST=plan.kv_len < cfg.dkdv_heads_fastest_below, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common)
+            HEADS_FASTEST=plan.kv_len < cfg.dkdv_heads_fastest_below, num_warps=cfg.dkdv_warps,
+            num_stages=cfg.dkdv_stages, **common)
     return dq, dk, dv
 
 
