@@ -17,8 +17,8 @@ Key tiles are 128 keys: two 64-key layout blocks of the walk gathered into one r
 and V; a second block past the walk repeats the first, masked), or one 128-key block. Larger tiles halve the
 barrier round trips and the per-row reductions per key.
 
-Explicit turns for the two consumers' products (FA3's ping-pong, through mbarriers) measured slower, so the
-scheduler interleaves them freely (measurements: ``bench/results/attention_NOTES.md``).
+Explicit turns for the two consumers' products (FA3's ping-pong) measured slower through mbarriers and no faster
+through named barriers, so the scheduler interleaves them freely (measurements: ``bench/results/attention_NOTES.md``).
 
 Grid: for S2 rows (under ``PERSISTENT_ROW_SHARE`` of the keys kept) one CTA per SM, each taking the work items
 ``program_id, program_id + grid, ...``; the ring and its barriers carry over, so the next query tile and its first
