@@ -26,7 +26,8 @@ key tile load while the consumers finish the previous one (``q_free``: both cons
 no CTA pays a launch and a cold pipeline per query tile. Dense layouts keep one CTA per query tile: their rows read
 the head's whole K/V prefix, and there the persistent grid measured slower (its CTAs drift apart in the item order,
 while the hardware starts CTAs in order; the cause was not profiled). A counter-based (dynamic) persistent schedule
-measured slower for S2 rows and equal for dense ones, and was not kept.
+measured slower for S2 rows and equal for dense ones, and was not kept. Orders that balance the CTAs' items better
+(heads fastest, or every other round reversed) measured slower too: they spread the items in flight over more K/V.
 
 The row walk and masks are the Triton forward's, from the same helpers (``_row_walk``, ``_fast_split``): the
 interior blocks of the S2 row walk (stripes, then the local blocks every row keeps) unmasked, then the first local
