@@ -94,24 +94,19 @@ def measure(seq: int = 8192, heads: int = 8, head_dim: int = 128, calls: int = 1
     return rows
 
 
-def measure_gpu(seqs, heads: int = 32, head_dim: int = 128) -> list:
+def measure_gpu(seqs) -> list:
+    """The calls of ``bench/attention.py`` (its shapes and its forward + backward step), timed three ways."""
     import triton
+    from attention import B, D, H, fwd_bwd_step, rand
     layout = S2Layout(64, 16, 16)
     rows = []
     for seq in seqs:
-        q, k, v = (torch.randn(1, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        grad_out = torch.randn_like(q)
+        q, k, v = (rand(B, seq, H, D, requires_grad=False) for _ in range(3))
 
         def forward():
-            with torch.no_grad():
-                return triton_s2.triton_s2_attention(q, k, v, layout, sm_scale=head_dim ** -0.5)
+            return triton_s2.triton_s2_attention(q, k, v, layout, sm_scale=D ** -0.5)
 
-        def forward_backward():
-            out = triton_s2.triton_s2_attention(q, k, v, layout, sm_scale=head_dim ** -0.5)
-            return torch.autograd.grad(out, (q, k, v), grad_out)
-
-        for name, fn in (("forward", forward), ("forward + backward", forward_backward)):
+        for name, fn in (("forward", forward), ("forward + backward", fwd_bwd_step(layout, seq))):
             fn()
             # calls few enough that the launch queue never fills; the GPU drained between the repeats
             host_us = _median_us(fn, 50, repeats=5, warmup=0, settle=torch.cuda.synchronize)
