@@ -41,9 +41,10 @@ its own 64 query rows keep (``_live_halves``): a 128-row tile walks the union of
 diagonal block past the first row and the repeat that pads the last tile. Counted from the pattern (L16V16, block
 64), the products computed over the (query, key) pairs kept were 1.104 / 1.064 / 1.025 at 8k / 32k / 128k with whole
 tiles, and are 1.028 / 1.016 / 1.006 (the diagonal blocks' upper triangles) with halves. The halves are not
-pipelined (S, softmax and P V of one, then the next). Against whole tiles, in one process on one H100: 5 / 4 / 2 %
-faster at 16k / 32k / 128k (block 128 at 32k 3 %, dense 0-2 %); at 8k 8 % slower in that timer, which was host bound
-there in part, and 12-13 % faster under ncu (0.39 against 0.445 ms; 32k 2.17 against 2.35).
+pipelined (S, softmax and P V of one, then the next): issuing a half's S with the previous half's P V measured no
+faster, and slower at most shapes (bench/results/attention_NOTES.md). Against whole tiles, in one process on one H100:
+5 / 4 / 2 % faster at 16k / 32k / 128k (block 128 at 32k 3 %, dense 0-2 %); at 8k 8 % slower in that timer, which
+was host bound there in part, and 12-13 % faster under ncu (0.39 against 0.445 ms; 32k 2.17 against 2.35).
 
 Scope (:func:`hopper_forward_tiles`): an S2Layout of block 64 or 128, head dim 64 or 128, bf16/fp16, an sm_90 GPU,
 tensors a TMA descriptor can read, and rows of at least ``MIN_ROW_KEYS`` kept keys (with whole masked tiles the
@@ -295,8 +296,10 @@ def _ws_consume(wg: gl.constexpr, q_smem, k_smem, v_smem, ready, empty, q_bar, q
 
             empty_row = l_i == 0.0
             lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(gl.where(empty_row, 1.0, l_i))) * _LN2)
-            l_o = gl.convert_layout(gl.where(empty_row, 1.0, l_i), gl.SliceLayout(1, o_layout))
-            out = acc / l_o[:, None]
+            # one division per row and a product per element (a division per element was 4-5 instructions each,
+            # 280 of the consumer's per-item instructions)
+            inv_l = gl.convert_layout(1.0 / gl.where(empty_row, 1.0, l_i), gl.SliceLayout(1, o_layout))
+            out = acc * inv_l[:, None]
             rows = wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
             q_pos = tile_pos0 + rows
             rows_o = wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
