@@ -1,7 +1,8 @@
 """Attention benchmark on one GPU: Triton S2 kernels vs SDPA-flash (FA2), SDPA-cuDNN and FlexAttention (same mask).
 
 Shapes: batch 1, 32 heads, head dim 128, bf16, causal; S2 layout L16V16 at block 64 (head sliding, offset 1).
-Times are medians of ``triton.testing.do_bench`` in ms; baselines run in the same process, on the same card.
+Times are medians of ``triton.testing.do_bench`` over at least ``MIN_SAMPLES`` repeats, in ms; baselines run in the
+same process, on the same card.
 
     python bench/attention.py [--out DIR] [--quick] [--skip-baselines]
                               [--sweep-configs [--sweep-seqs N ...] [--variants JSON] [--only-sweep]]
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -35,8 +37,18 @@ DT = torch.bfloat16
 RESULTS: dict = {"rows": [], "dense": [], "block_sweep": [], "gqa": [], "metadata": [], "configs": [], "profile": {}}
 
 
+MIN_SAMPLES = 10
+
+
 def bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median of ``triton.testing.do_bench`` (an L2 flush before each repeat, CUDA events around the call) over at
+    least ``MIN_SAMPLES`` repeats: its 100 ms budget holds a single repeat of a 128k forward + backward, whose one
+    sample then decided the table (80.1 or 87.6 ms in two runs on one H100; 12 repeats on one H100: 81.0-82.5)."""
+    times = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
+    if len(times) < MIN_SAMPLES:
+        rep = 1.05 * MIN_SAMPLES * statistics.median(times)
+        times = triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="all")
+    return statistics.median(times)
 
 
 def log(msg):
@@ -225,7 +237,8 @@ def write_outputs(out_dir, card, echo=False):
     env = RESULTS.get("env", {"torch": torch.__version__, "triton": triton.__version__})
     lines = [f"# S2 attention benchmark on {card}", "",
              f"torch {env['torch']}, triton {env['triton']}; B={B}, H={H}, D={D}, bf16, causal; "
-             "L16V16 at block 64 (head sliding, offset 1); medians of triton.testing.do_bench, ms. "
+             "L16V16 at block 64 (head sliding, offset 1); medians of triton.testing.do_bench over at least "
+             f"{MIN_SAMPLES} repeats, ms. "
              "FlexAttention runs at its 128-token blocks with the same mask_mod.", "",
              f"## L16V16, block 64 ({card})", "",
              "| seq | density | ours fwd | ours fwd+bwd | FA2 fwd | FA2 fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | "
