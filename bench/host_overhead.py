@@ -11,10 +11,10 @@ A real launch adds Triton's own launcher cost per kernel (one kernel forward, tw
 Delta, and dK/dV). Writes ``host_overhead_cpu.md`` under --out.
 
 With ``--gpu`` it launches for real on the GPU instead (B=1, H=32, D=128, bf16, L16V16, ``--seqs``): the host time
-per call (calls enqueued back to back, no sync inside the timed loop), ``triton.testing.do_bench`` (the benchmarks'
-timer: an L2 flush before each repeat, CUDA events around the call) and ``do_bench_cudagraph`` (the same call replayed
-from a CUDA graph, which has no host time). Where the first two medians agree, the benchmarks time the GPU, not the
-host. Writes ``host_overhead_<card>.md``.
+per call (calls enqueued back to back, no sync inside the timed loop), the benchmarks' timer (``attention.bench_ms``:
+``triton.testing.do_bench``, an L2 flush before each repeat, CUDA events around the call) and ``do_bench_cudagraph``
+(the same call replayed from a CUDA graph, which has no host time). Where the first two medians agree, the benchmarks
+time the GPU, not the host. Writes ``host_overhead_<card>.md``.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def measure(seq: int = 8192, heads: int = 8, head_dim: int = 128, calls: int = 1
 def measure_gpu(seqs) -> list:
     """The calls of ``bench/attention.py`` (its shapes and its forward + backward step), timed three ways."""
     import triton
-    from attention import B, D, H, fwd_bwd_step, rand
+    from attention import B, D, H, bench_ms, fwd_bwd_step, rand
     layout = S2Layout(64, 16, 16)
     rows = []
     for seq in seqs:
@@ -111,7 +111,7 @@ def measure_gpu(seqs) -> list:
             # calls few enough that the launch queue never fills; the GPU drained between the repeats
             host_us = _median_us(fn, 50, repeats=5, warmup=0, settle=torch.cuda.synchronize)
             rows.append({"seq": seq, "call": name, "host_us": host_us,
-                         "do_bench_ms": triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"),
+                         "do_bench_ms": bench_ms(fn),
                          "cudagraph_ms": triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")})
     return rows
 
