@@ -30,9 +30,9 @@ from s2megatron.ops.triton_s2 import kernels  # noqa: E402
 try:
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-    from s2megatron.ops.triton_s2 import hopper_bwd, hopper_fwd  # noqa: E402
+    from s2megatron.ops.triton_s2 import hopper_bwd, hopper_dq, hopper_fwd  # noqa: E402
 except ImportError:  # a Triton without Gluon: no Hopper kernels
-    hopper_fwd = hopper_bwd = None
+    hopper_fwd = hopper_bwd = hopper_dq = None
 
 FP32_PTRS = {"LSE", "DELTA", "DLSE"}
 INT_PTRS = {"CU_SEQLENS", "HEAD_TO_PAT", "ROW_PTR", "ROW_COLS", "ROW_LAST", "RESIDUES", "COL_PTR", "COL_ROWS"}
@@ -186,6 +186,16 @@ def compile_hopper_dkdv(head_dim: int, block: int, tiles=None) -> dict:
                                head_dim, tiles.maxnreg)
 
 
+def compile_hopper_dq(head_dim: int, block: int, tiles=None) -> dict:
+    """The warp-specialised Hopper dQ (``hopper_dq``), compiled for sm_90a as launched (bf16, 12 warps)."""
+    tiles = tiles or hopper_dq.HopperDqTiles()
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
+                      VARLEN=False, HAS_DLSE=False, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
+    return _compile_gluon_sm90(hopper_dq.s2_dq_hopper_kernel, constexprs,
+                               lambda name: 64 if name in ("Q_DESC", "DO_DESC") else min(block, tiles.block_n),
+                               head_dim, tiles.maxnreg)
+
+
 def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> dict:
     bd = tile_cfg.block_d(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BS=block, VARLEN=False, UPCAST=False, PREC="tf32")
@@ -207,6 +217,7 @@ def report(cfg, head_dim: int, block: int, arch: int, analytic: bool = True) -> 
     if arch == 90 and analytic and hopper_fwd is not None and block in (64, 128) and head_dim in (64, 128):
         rows["fwd_hopper"] = compile_hopper_forward(head_dim, block)
         rows["dkdv_hopper"] = compile_hopper_dkdv(head_dim, block)
+        rows["dq_hopper"] = compile_hopper_dq(head_dim, block)
     return rows
 
 

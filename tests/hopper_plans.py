@@ -1,5 +1,6 @@
 """A stand-in for the op's call plan with only the fields the Hopper kernels' policies and launchers read, and the
-scope checks both policies share, for their tests without a GPU (tests/test_hopper_fwd.py, tests/test_hopper_bwd.py)."""
+scope checks the policies share, for their tests without a GPU (tests/test_hopper_fwd.py, test_hopper_dq.py,
+test_hopper_bwd.py)."""
 import types
 
 import torch
@@ -19,7 +20,7 @@ def plan_stub(**fields):
 
 
 def check_policy_scope(policy, plan, env, declined, monkeypatch, hopper_fwd):
-    """What both Hopper policies share: ``policy(plan(**over), q)`` is None for every ``over`` in ``declined`` and
+    """What the Hopper policies share: ``policy(plan(**over), q)`` is None for every ``over`` in ``declined`` and
     for float32 inputs; ``env`` = 1 takes the kernel at any length, = 0 never; not on sm_90 (sm_80, or sm_100 with no
     wgmma) never. Leaves ``env`` unset and the GPU reported as not sm_90."""
     q = torch.empty(1, dtype=torch.bfloat16)

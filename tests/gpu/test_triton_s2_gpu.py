@@ -163,6 +163,26 @@ def test_hopper_dkdv_sweep(case, descending, stripes_first_from, monkeypatch):
     assert launched and all(launched), launched
 
 
+@pytest.mark.skipif(not _sm90(), reason="the Hopper dQ runs on sm_90")
+@pytest.mark.parametrize("ctas", ["sms", 3, "items"], ids=["grid-sms", "grid-3", "grid-items"])
+@pytest.mark.parametrize("bwd", ["0", "1"], ids=["triton-dkdv", "hopper-dkdv"])
+@pytest.mark.parametrize("case", HOPPER, ids=["hopper-dq-" + c["id"] for c in HOPPER])
+def test_hopper_dq_sweep(case, bwd, ctas, monkeypatch):
+    """The warp-specialised dQ at every length (S2MEGATRON_HOPPER_DQ=1; with the Triton forward) against the float64
+    reference, through out and lse, with either dK/dV kernel reading the Delta it writes, on each grid (the forward's
+    policy decides it: :func:`_hopper_grid`); the test fails unless that kernel ran."""
+    from s2megatron.ops.triton_s2 import op as _op
+    _hopper_grid(ctas, monkeypatch)
+    launched = []
+    real = _op._hopper_dq.hopper_dq
+    monkeypatch.setattr(_op._hopper_dq, "hopper_dq", lambda *a: launched.append(real(*a)) or launched[-1])
+    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "0")
+    monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", bwd)
+    monkeypatch.setenv("S2MEGATRON_HOPPER_DQ", "1")
+    _run_sweep_case(case)
+    assert launched and all(launched), launched
+
+
 # the Hopper dK/dV pairs a kv head's key tiles by their walks (stripes with stripes, other blocks with others, the
 # halves of a 128-block): residues before, at and past the end of the sequence, V = 1 (dense), V > L and V < L,
 # dense heads, per-kv-head patterns, odd block counts; every tile of every head must be stored once
@@ -199,8 +219,11 @@ def test_short_sweep(case):
     _run_sweep_case(case)
 
 
-def test_determinism_bitwise():
-    """Two backward passes on the same inputs give bitwise-identical gradients (GQA 32/8, no atomics)."""
+@pytest.mark.parametrize("kernels", ["default", "hopper"])
+def test_determinism_bitwise(kernels, monkeypatch):
+    """Two backward passes on the same inputs give bitwise-identical gradients (GQA 32/8, no atomics), with the
+    default kernels and with the warp-specialised Hopper kernels."""
+    launched = _force_hopper(kernels, monkeypatch)
     gen = torch.Generator(device=DEV).manual_seed(1)
     lay = S2Layout(64, 16, 16)
     q = _randn((1, 4096, 32, 128), torch.bfloat16, gen).requires_grad_()
@@ -211,28 +234,31 @@ def test_determinism_bitwise():
     g2 = torch.autograd.grad(triton_s2_attention(q, k, v, lay, sm_scale=0.088), (q, k, v), dout)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+    _assert_hopper_ran(kernels, launched)
 
 
 def _force_hopper(kernels, monkeypatch):
-    """With ``kernels == "hopper"`` on sm_90: the warp-specialised forward and dK/dV at any length, counted; returns
-    the list their launchers append to (empty otherwise)."""
+    """With ``kernels == "hopper"`` on sm_90: the warp-specialised forward, dQ and dK/dV at any length, counted;
+    returns the list their launchers append to (empty otherwise)."""
     launched = []
     if kernels == "hopper":
         if not _sm90():
             pytest.skip("the Hopper kernels run on sm_90")
         from s2megatron.ops.triton_s2 import op as _op
-        for mod, name in ((_op._hopper, "hopper_forward"), (_op._hopper_bwd, "hopper_dkdv")):
+        for mod, name in ((_op._hopper, "hopper_forward"), (_op._hopper_dq, "hopper_dq"),
+                          (_op._hopper_bwd, "hopper_dkdv")):
             real = getattr(mod, name)
             monkeypatch.setattr(mod, name, lambda *a, real=real, name=name: launched.append((name, real(*a)))
                                 or launched[-1][1])
         monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")
         monkeypatch.setenv("S2MEGATRON_HOPPER_BWD", "1")
+        monkeypatch.setenv("S2MEGATRON_HOPPER_DQ", "1")
     return launched
 
 
 def _assert_hopper_ran(kernels, launched):
     if kernels == "hopper":
-        assert {name for name, ok in launched if ok} == {"hopper_forward", "hopper_dkdv"}, launched
+        assert {name for name, ok in launched if ok} == {"hopper_forward", "hopper_dq", "hopper_dkdv"}, launched
 
 
 @pytest.mark.parametrize("kernels", ["default", "hopper"])

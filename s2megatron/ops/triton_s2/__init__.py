@@ -1,8 +1,9 @@
 """Triton S2 attention: block-sparse causal flash attention for any S2Layout or BlockMaskLayout.
 
 One forward kernel, a dQ kernel and an atomic-free dK/dV kernel (deterministic); GQA without repeating K/V; packed
-varlen; a KV prefix; head dims up to 256; fp16/bf16 (fp32 too). On sm_90 the forward of long rows runs the
-warp-specialised kernel of ``hopper_fwd.py`` instead (same results within rounding; see its docstring for where).
+varlen; a KV prefix; head dims up to 256; fp16/bf16 (fp32 too). On sm_90 warp-specialised kernels take over where
+their docstrings say: the forward of long rows (``hopper_fwd.py``), dQ (``hopper_dq.py``) and dK/dV of long walks
+(``hopper_bwd.py``); the same results within rounding, and as deterministic.
 On a machine without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before this
 package is imported).
 """

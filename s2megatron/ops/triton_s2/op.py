@@ -33,6 +33,10 @@ try:  # and, for the dK/dV, a partition barrier (gl.barrier or gl.thread_barrier
     from . import hopper_bwd as _hopper_bwd
 except (ImportError, AttributeError):
     _hopper_bwd = None
+try:
+    from . import hopper_dq as _hopper_dq
+except ImportError:
+    _hopper_dq = None
 
 _LAYOUTS: dict = {}    # key -> layout
 _KEYS: dict = {}       # layout -> key (equal layouts share a key)
@@ -247,6 +251,23 @@ def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_
     return out, lse
 
 
+def _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, cu, sm_scale, common):
+    """The Triton dQ kernel, one program per query tile: dQ, and Delta for every query row."""
+    cfg = plan.cfg
+    k_desc, v_desc, kv_rows_b, dq_desc = _row_descriptors(plan.tma and cfg.dq_tma and plan.fast(cfg.dq_block_n),
+                                                          (k, v), plan.varlen, cfg.dq_block_n, plan.block_d)
+    _kernels.s2_bwd_dq_kernel[(meta.num_tiles, plan.num_heads, plan.batch)](
+        q, k, v, out, dout, dq, lse, dlse if dlse is not None else delta, delta, cu, meta.head_to_pattern,
+        meta.row_ptr, meta.row_cols, meta.row_last, residues, k_desc, v_desc,
+        *_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
+        *_qkv_strides(out, plan.varlen), *_qkv_strides(dout, plan.varlen), *_qkv_strides(dq, plan.varlen),
+        *_lse_strides(lse, plan.varlen),
+        sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
+        plan.group, plan.local_blocks, plan.vert_stride, kv_rows_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
+        ANALYTIC=plan.analytic, DESC=dq_desc, HAS_DLSE=dlse is not None,
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, maxnreg=cfg.dq_maxnreg, **common)
+
+
 def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_heads,
               total_kv_heads):
     q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
@@ -261,26 +282,18 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    qkv_strides = (*_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen))
-    do_strides = _qkv_strides(dout, plan.varlen)
-    strides = (*qkv_strides, *do_strides)
-    k_desc, v_desc, kv_rows_b, dq_desc = _row_descriptors(plan.tma and cfg.dq_tma and plan.fast(cfg.dq_block_n),
-                                                          (k, v), plan.varlen, cfg.dq_block_n, plan.block_d)
+    strides = (*_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
+               *_qkv_strides(dout, plan.varlen))
     # interior query chunks exist where a key tile holds whole layout blocks of a KV-cache-efficient layout
     q_desc, do_desc, q_rows_b, dkdv_desc = _row_descriptors(
         plan.tma and cfg.dkdv_tma and plan.merge_q and plan.block_size >= cfg.dkdv_block_n, (q, dout), plan.varlen,
         cfg.dkdv_block_m, plan.block_d)
     with on_device(plan.device):
         # Delta (rowsum(O * dO) - dLSE) comes from the dQ kernel, for every query row, before the dK/dV kernel reads it
-        _kernels.s2_bwd_dq_kernel[(meta.num_tiles, plan.num_heads, plan.batch)](
-            q, k, v, out, dout, dq, lse, dlse if dlse is not None else delta, delta, cu, meta.head_to_pattern,
-            meta.row_ptr, meta.row_cols, meta.row_last, residues, k_desc, v_desc,
-            *qkv_strides, *_qkv_strides(out, plan.varlen), *do_strides, *_qkv_strides(dq, plan.varlen),
-            *_lse_strides(lse, plan.varlen),
-            sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
-            plan.group, plan.local_blocks, plan.vert_stride, kv_rows_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
-            ANALYTIC=plan.analytic, DESC=dq_desc, HAS_DLSE=dlse is not None,
-            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, maxnreg=cfg.dq_maxnreg, **common)
+        hopper_dq = _hopper_dq.hopper_dq_tiles(plan, q) if _hopper_dq is not None else None
+        if hopper_dq is None or not _hopper_dq.hopper_dq(plan, hopper_dq, q, k, v, out, dout, dq, lse, dlse, delta, cu,
+                                                          sm_scale, sm_scale * _kernels.LOG2E):
+            _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, cu, sm_scale, common)
         hopper = _hopper_bwd.hopper_dkdv_tiles(plan, q) if _hopper_bwd is not None else None
         if hopper is not None and _hopper_bwd.hopper_dkdv(
                 plan, hopper, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, sm_scale * _kernels.LOG2E,
