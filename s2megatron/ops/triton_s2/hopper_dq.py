@@ -44,11 +44,11 @@ from typing import Optional
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from . import hopper_fwd as _fwd
-from .hopper_fwd import (_descriptor, _entry_block, _half_entry, _invalidate_ring, _issue_kv, _masked_half,
-                         _ring_barriers, _work_item, hopper_runnable, launch_or_fall_back, row_keys)
+from .hopper_fwd import (_descriptor, _entry_block, _half_entry, _invalidate_ring, _masked_half, _ring_barriers,
+                         _work_item, _ws_load, hopper_runnable, launch_or_fall_back, row_keys)
 from .kernels import _LOG2E, _last_keeping_row
 from .rows import lse_strides, qkv_strides, row_view
 
@@ -195,41 +195,6 @@ def _dq_consume(wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ready, empty,
 
 
 @gluon.jit
-def _dq_load(Q_DESC, DO_DESC, K_DESC, V_DESC, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free,
-             CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_qh, stride_doh, stride_kh, stride_vh, q_len, kv_len, num_items,
-             num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
-             BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             VARLEN: gl.constexpr):
-    """Producer warp, per query tile of the CTA: the first key tile of the walk into the ring, both 64-row halves of
-    the query tile and of dO once the consumers are done with the previous ones (``q_free``), then the other key
-    tiles, each once both consumers have released its slot (``empty``; a fresh barrier passes the first wait)."""
-    it = 0
-    j = 0
-    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        (valid, b, h, kvh, tile_pos0, seq_start, kv_end, past, n_ent, n_in_e, n_in, n_all, w0, w1, w2, w3, width, m1,
-         mid_start, kv_row0, q_row0) = _work_item(w, RESIDUES, HEAD_TO_PAT, CU_SEQLENS, q_len, kv_len, num_tiles,
-                                                  num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
-                                                  kv_rows_b, BS, ROWS, BLOCK_N, VARLEN)
-        if valid:
-            k_col = kvh * stride_kh
-            v_col = kvh * stride_vh
-            for t in range(0, n_all):
-                cur = it + t
-                mbarrier.wait(empty.index(cur % STAGES), ((cur // STAGES) & 1) ^ 1)
-                _issue_kv(t, cur % STAGES, n_ent, n_all, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride, kv_row0,
-                          k_col, v_col, K_DESC, V_DESC, k_smem, v_smem, ready, BS, BLOCK_N)
-                if t == 0:
-                    mbarrier.wait(q_free, (j & 1) ^ 1)
-                    mbarrier.expect(q_bar, 2 * (Q_DESC.block_type.nbytes + DO_DESC.block_type.nbytes))
-                    for g in gl.static_range(2):
-                        row = (q_row0 + g * 64).to(gl.int32)
-                        tma.async_copy_global_to_shared(Q_DESC, [row, h * stride_qh], q_bar, q_smem.index(g))
-                        tma.async_copy_global_to_shared(DO_DESC, [row, h * stride_doh], q_bar, do_smem.index(g))
-            it += n_all
-            j += 1
-
-
-@gluon.jit
 def s2_dq_hopper_kernel(
     Q_DESC, DO_DESC, K_DESC, V_DESC, O, DQ, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
     stride_qh, stride_doh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_dqb, stride_dqs, stride_dqh,
@@ -268,7 +233,7 @@ def s2_dq_hopper_kernel(
                        stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items, num_tiles,
                        num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
                        HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN, HAS_DLSE)),
-        (_dq_load, (Q_DESC, DO_DESC, K_DESC, V_DESC, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free,
+        (_ws_load, (Q_DESC, DO_DESC, K_DESC, V_DESC, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free,
                     CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_qh, stride_doh, stride_kh, stride_vh, q_len, kv_len,
                     num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
                     kv_rows_b, BS, ROWS, BLOCK_N, STAGES, VARLEN)),
@@ -295,7 +260,7 @@ def hopper_dq_tiles(plan, q) -> Optional[HopperDqTiles]:
     """The tiles of this kernel for the call, or None where the Triton dQ kernel runs instead: outside the Hopper
     forward's scope (``hopper_fwd.hopper_runnable``: an S2Layout with block 64 or 128, head dim 64 or 128, 16-bit,
     an sm_90 GPU), the kernel failed to compile earlier, or ``S2MEGATRON_HOPPER_DQ=0``. There is no length rule
-    (unlike the forward's ``MIN_ROW_KEYS``): on an H100 its kernel time was 0.83-0.90x the Triton dQ's from 2k to
+    (unlike the forward's ``MIN_ROW_KEYS``): on an H100 its kernel time was 0.83-0.91x the Triton dQ's from 2k to
     128k (``bench/results/hopper_dq_H100_80GB_HBM3.md``). The grid is persistent where the rows keep under
     ``hopper_fwd.PERSISTENT_ROW_SHARE`` of the keys, as the forward's."""
     if os.environ.get("S2MEGATRON_HOPPER_DQ", "auto") == "0" or _broken or not hopper_runnable(plan, q):

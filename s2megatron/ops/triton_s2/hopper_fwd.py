@@ -316,14 +316,30 @@ def _ws_consume(wg: gl.constexpr, q_smem, k_smem, v_smem, ready, empty, q_bar, q
 
 
 @gluon.jit
-def _ws_load(Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar, q_free, CU_SEQLENS, HEAD_TO_PAT,
-             RESIDUES, stride_qh, stride_kh, stride_vh, q_len, kv_len, num_items, num_tiles, num_heads, first_block,
-             group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
+def _issue_query_rows(Q_DESC, DO_DESC, q_smem, do_smem, q_bar, q_row0, h, stride_qh, stride_doh):
+    """TMA copies of both 64-row halves of the query tile, and of dO's where ``DO_DESC`` is given (the dQ kernel),
+    completing ``q_bar``."""
+    if DO_DESC is None:
+        mbarrier.expect(q_bar, 2 * Q_DESC.block_type.nbytes)
+    else:
+        mbarrier.expect(q_bar, 2 * (Q_DESC.block_type.nbytes + DO_DESC.block_type.nbytes))
+    for g in gl.static_range(2):
+        row = (q_row0 + g * 64).to(gl.int32)
+        tma.async_copy_global_to_shared(Q_DESC, [row, h * stride_qh], q_bar, q_smem.index(g))
+        if DO_DESC is not None:
+            tma.async_copy_global_to_shared(DO_DESC, [row, h * stride_doh], q_bar, do_smem.index(g))
+
+
+@gluon.jit
+def _ws_load(Q_DESC, DO_DESC, K_DESC, V_DESC, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free,
+             CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_qh, stride_doh, stride_kh, stride_vh, q_len, kv_len, num_items,
+             num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
              BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
              VARLEN: gl.constexpr):
     """Producer warp, per query tile of the CTA: the first key tile of the walk into the ring, both 64-row halves of
-    the query tile once the consumers are done with the previous one (``q_free``), then the other key tiles, each
-    once both consumers have released its slot (``empty``; a fresh barrier passes the first wait)."""
+    the query tile (and of dO for the dQ kernel, ``hopper_dq``; None here) once the consumers are done with the
+    previous one (``q_free``), then the other key tiles, each once both consumers have released its slot (``empty``;
+    a fresh barrier passes the first wait)."""
     it = 0
     j = 0
     for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
@@ -341,11 +357,7 @@ def _ws_load(Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar
                           k_col, v_col, K_DESC, V_DESC, k_smem, v_smem, ready, BS, BLOCK_N)
                 if t == 0:
                     mbarrier.wait(q_free, (j & 1) ^ 1)
-                    mbarrier.expect(q_bar, 2 * Q_DESC.block_type.nbytes)
-                    tma.async_copy_global_to_shared(Q_DESC, [q_row0.to(gl.int32), h * stride_qh], q_bar,
-                                                    q_smem.index(0))
-                    tma.async_copy_global_to_shared(Q_DESC, [(q_row0 + 64).to(gl.int32), h * stride_qh], q_bar,
-                                                    q_smem.index(1))
+                    _issue_query_rows(Q_DESC, DO_DESC, q_smem, do_smem, q_bar, q_row0, h, stride_qh, stride_doh)
             it += n_all
             j += 1
 
@@ -404,10 +416,10 @@ def s2_fwd_hopper_kernel(
                        RESIDUES, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, q_len, kv_len,
                        num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
                        kv_rows_b, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN)),
-        (_ws_load, (Q_DESC, K_DESC, V_DESC, q_smem, k_smem, v_smem, ready, empty, q_bar, q_free, CU_SEQLENS,
-                    HEAD_TO_PAT, RESIDUES, stride_qh, stride_kh, stride_vh, q_len, kv_len, num_items, num_tiles,
-                    num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
-                    BS, ROWS, BLOCK_N, STAGES, VARLEN)),
+        (_ws_load, (Q_DESC, None, K_DESC, V_DESC, q_smem, None, k_smem, v_smem, ready, empty, q_bar, q_free,
+                    CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_qh, None, stride_kh, stride_vh, q_len, kv_len,
+                    num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+                    kv_rows_b, BS, ROWS, BLOCK_N, STAGES, VARLEN)),
     ], [4, 1], [CONSUMER_REGS, 24])
     _invalidate_ring(ready, empty, STAGES)
     mbarrier.invalidate(q_bar)
