@@ -33,7 +33,7 @@ try:  # and, for the dK/dV, a partition barrier (gl.barrier or gl.thread_barrier
     from . import hopper_bwd as _hopper_bwd
 except (ImportError, AttributeError):
     _hopper_bwd = None
-try:
+try:  # the dQ reuses the forward's pieces
     from . import hopper_dq as _hopper_dq
 except ImportError:
     _hopper_dq = None
