@@ -47,8 +47,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from . import hopper_fwd as _fwd
-from .hopper_fwd import (_descriptor, _entry_block, _half_entry, _invalidate_ring, _masked_half, _ring_barriers,
-                         _work_item, _ws_load, hopper_runnable, launch_or_fall_back, row_keys)
+from .hopper_fwd import (_descriptor, _entry_block, _half_entry, _invalidate_barriers, _masked_half, _query_barriers,
+                         _ring_barriers, _work_item, _ws_load, hopper_runnable, launch_or_fall_back, row_keys)
 from .kernels import _LOG2E, _last_keeping_row
 from .rows import lse_strides, qkv_strides, row_view
 
@@ -218,10 +218,7 @@ def s2_dq_hopper_kernel(
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
     ready, empty = _ring_barriers(STAGES)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(q_free, count=2)
+    q_bar, q_free = _query_barriers()
     gl.warp_specialize([
         (_dq_consume, (0, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free, O, DQ, LSE, DLSE, DELTA,
                        CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh, stride_dqb, stride_dqs,
@@ -238,9 +235,7 @@ def s2_dq_hopper_kernel(
                     num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
                     kv_rows_b, BS, ROWS, BLOCK_N, STAGES, VARLEN)),
     ], [4, 1], [CONSUMER_REGS, 24])
-    _invalidate_ring(ready, empty, STAGES)
-    mbarrier.invalidate(q_bar)
-    mbarrier.invalidate(q_free)
+    _invalidate_barriers(ready, empty, q_bar, q_free, STAGES)
 
 
 @dataclass(frozen=True)

@@ -382,6 +382,25 @@ def _invalidate_ring(ready, empty, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _query_barriers():
+    """The query tile's barriers, shared by the producer (:func:`_ws_load`) and both consumers: ``q_bar`` (its TMA
+    copies have landed) and ``q_free`` (both consumers are done with it)."""
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_free, count=2)
+    return q_bar, q_free
+
+
+@gluon.jit
+def _invalidate_barriers(ready, empty, q_bar, q_free, STAGES: gl.constexpr):
+    """Invalidate the ring's and the query tile's barriers at the end of the kernel."""
+    _invalidate_ring(ready, empty, STAGES)
+    mbarrier.invalidate(q_bar)
+    mbarrier.invalidate(q_free)
+
+
+@gluon.jit
 def s2_fwd_hopper_kernel(
     Q_DESC, K_DESC, V_DESC, O, LSE, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
     stride_qh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
@@ -403,10 +422,7 @@ def s2_fwd_hopper_kernel(
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
     ready, empty = _ring_barriers(STAGES)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(q_free, count=2)
+    q_bar, q_free = _query_barriers()
     gl.warp_specialize([
         (_ws_consume, (0, q_smem, k_smem, v_smem, ready, empty, q_bar, q_free, O, LSE, CU_SEQLENS, HEAD_TO_PAT,
                        RESIDUES, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale, q_len, kv_len,
@@ -421,9 +437,7 @@ def s2_fwd_hopper_kernel(
                     num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
                     kv_rows_b, BS, ROWS, BLOCK_N, STAGES, VARLEN)),
     ], [4, 1], [CONSUMER_REGS, 24])
-    _invalidate_ring(ready, empty, STAGES)
-    mbarrier.invalidate(q_bar)
-    mbarrier.invalidate(q_free)
+    _invalidate_barriers(ready, empty, q_bar, q_free, STAGES)
 
 
 @dataclass(frozen=True)
