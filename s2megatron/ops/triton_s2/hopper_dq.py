@@ -6,9 +6,10 @@ the SM computes, and its key tiles are pipelined by the compiler only. This kern
 Hopper forward's construction (``hopper_fwd``): work items are 128-row query tiles in the forward's order, one
 persistent CTA per SM takes them in turn, and inside a CTA
 
-- a producer warp issues the TMA copies: the first key tile of the row walk, the two 64-row halves of the query
-  tile and of dO, then the other K/V tiles into a ring of ``STAGES`` shared-memory slots (``ready`` barriers), each
-  slot once both consumers have released it (``empty`` barriers);
+- a producer warp (the forward's, ``hopper_fwd._ws_load``, given dO beside Q) issues the TMA copies: the first key
+  tile of the row walk, the two 64-row halves of the query tile and of dO, then the other K/V tiles into a ring of
+  ``STAGES`` shared-memory slots (``ready`` barriers), each slot once both consumers have released it (``empty``
+  barriers);
 - two consumer warpgroups (64 query rows each, 240 registers per thread) walk the same 64-key tiles. A consumer
   first computes its rows' Delta = rowsum(O * dO) - dLSE (dO from shared memory) and stores it for the dK/dV
   kernel, which runs after this one. Per interior key tile it issues dQ += dS(t) K(t) together with S(t+1) = Q
