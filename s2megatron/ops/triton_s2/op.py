@@ -268,6 +268,26 @@ def _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, c
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, maxnreg=cfg.dq_maxnreg, **common)
 
 
+def _triton_dkdv(plan, meta, residues, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, common):
+    """The Triton dK/dV kernel, one program per key tile and kv head: dK and dV from the Delta of the dQ kernel."""
+    cfg = plan.cfg
+    # interior query chunks exist where a key tile holds whole layout blocks of a KV-cache-efficient layout
+    q_desc, do_desc, q_rows_b, dkdv_desc = _row_descriptors(
+        plan.tma and cfg.dkdv_tma and plan.merge_q and plan.block_size >= cfg.dkdv_block_n, (q, dout), plan.varlen,
+        cfg.dkdv_block_m, plan.block_d)
+    _kernels.s2_bwd_dkdv_kernel[(triton_cdiv(plan.kv_len, cfg.dkdv_block_n) * plan.num_kv_heads, plan.batch)](
+        q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, residues,
+        q_desc, do_desc,
+        *_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
+        *_qkv_strides(dout, plan.varlen), *_qkv_strides(dk, plan.varlen), *_qkv_strides(dv, plan.varlen),
+        *_lse_strides(lse, plan.varlen),
+        sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
+        plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, q_rows_b, BLOCK_M=cfg.dkdv_block_m,
+        BLOCK_N=cfg.dkdv_block_n, RUN=plan.merge_q, ANALYTIC=plan.analytic, DESC=dkdv_desc,
+        HEADS_FASTEST=plan.kv_len < cfg.dkdv_heads_fastest_below, num_warps=cfg.dkdv_warps,
+        num_stages=cfg.dkdv_stages, **common)
+
+
 def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_heads,
               total_kv_heads):
     q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
@@ -282,12 +302,6 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    strides = (*_qkv_strides(q, plan.varlen), *_qkv_strides(k, plan.varlen), *_qkv_strides(v, plan.varlen),
-               *_qkv_strides(dout, plan.varlen))
-    # interior query chunks exist where a key tile holds whole layout blocks of a KV-cache-efficient layout
-    q_desc, do_desc, q_rows_b, dkdv_desc = _row_descriptors(
-        plan.tma and cfg.dkdv_tma and plan.merge_q and plan.block_size >= cfg.dkdv_block_n, (q, dout), plan.varlen,
-        cfg.dkdv_block_m, plan.block_d)
     with on_device(plan.device):
         # Delta (rowsum(O * dO) - dLSE) comes from the dQ kernel, for every query row, before the dK/dV kernel reads it
         hopper_dq = _hopper_dq.hopper_dq_tiles(plan, q) if _hopper_dq is not None else None
@@ -295,20 +309,10 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
                                                           sm_scale, sm_scale * _kernels.LOG2E):
             _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, cu, sm_scale, common)
         hopper = _hopper_bwd.hopper_dkdv_tiles(plan, q) if _hopper_bwd is not None else None
-        if hopper is not None and _hopper_bwd.hopper_dkdv(
+        if hopper is None or not _hopper_bwd.hopper_dkdv(
                 plan, hopper, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, sm_scale * _kernels.LOG2E,
                 meta.first_block, meta.head_to_pattern, residues):
-            return dq, dk, dv
-        _kernels.s2_bwd_dkdv_kernel[(triton_cdiv(plan.kv_len, cfg.dkdv_block_n) * plan.num_kv_heads, plan.batch)](
-            q, k, v, dout, dk, dv, lse, delta, cu, meta.head_to_pattern, meta.col_ptr, meta.col_rows, residues,
-            q_desc, do_desc,
-            *strides, *_qkv_strides(dk, plan.varlen), *_qkv_strides(dv, plan.varlen),
-            *_lse_strides(lse, plan.varlen),
-            sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_key_blocks, meta.first_block,
-            plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, q_rows_b, BLOCK_M=cfg.dkdv_block_m,
-            BLOCK_N=cfg.dkdv_block_n, RUN=plan.merge_q, ANALYTIC=plan.analytic, DESC=dkdv_desc,
-            HEADS_FASTEST=plan.kv_len < cfg.dkdv_heads_fastest_below, num_warps=cfg.dkdv_warps,
-            num_stages=cfg.dkdv_stages, **common)
+            _triton_dkdv(plan, meta, residues, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, common)
     return dq, dk, dv
 
 
