@@ -182,7 +182,8 @@ def compile_hopper_dkdv(head_dim: int, block: int, tiles=None) -> dict:
                       CONSUMER_REGS=tiles.consumer_regs,
                       PRODUCER_REGS=tiles.producer_regs, num_warps=4)
     return _compile_gluon_sm90(hopper_bwd.s2_dkdv_hopper_kernel, constexprs,
-                               lambda name: tiles.block_n if name in ("K_DESC", "V_DESC") else tiles.block_m,
+                               lambda name: tiles.block_n if name in ("K_DESC", "V_DESC", "DK_DESC", "DV_DESC")
+                               else tiles.block_m,
                                head_dim, tiles.maxnreg)
 
 
@@ -192,7 +193,8 @@ def compile_hopper_dq(head_dim: int, block: int, tiles=None) -> dict:
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
                       VARLEN=False, HAS_DLSE=False, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
     return _compile_gluon_sm90(hopper_dq.s2_dq_hopper_kernel, constexprs,
-                               lambda name: 64 if name in ("Q_DESC", "DO_DESC") else min(block, tiles.block_n),
+                               lambda name: 64 if name in ("Q_DESC", "DO_DESC", "DQ_DESC")
+                               else min(block, tiles.block_n),
                                head_dim, tiles.maxnreg)
 
 

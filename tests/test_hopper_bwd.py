@@ -174,7 +174,7 @@ print(json.dumps([kernel_resources.compile_hopper_dkdv(d, b) for d, b in ((128, 
 def test_compiles_for_sm90_within_its_budget():
     """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
     consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, shared memory within the 227 KB
-    a CTA may use, and at most a few scalars spilled (at head dim 128 ptxas spills 48-108 bytes of the walk's loop
+    a CTA may use, and at most a few scalars spilled (at head dim 128 ptxas spills 108-112 bytes of the walk's loop
     state; the chunk's tiles stay in registers), none inside the query-chunk loops. In a fresh process: the interpreter
     that these tests run under (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""
     rows = compiled_in_fresh_process(_COMPILE)

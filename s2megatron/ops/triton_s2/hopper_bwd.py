@@ -13,7 +13,14 @@ holds two 64-key tiles, one per consumer warpgroup:
   (keys are rows): S^T = K Q^T and dP^T = V dO^T, P^T = exp2(S^T - lse), dS^T = P^T (dP^T - Delta), then
   dV += P^T dO and dK += dS^T Q with P^T and dS^T from registers, and releases the other chunks untouched; the warp
   scheduler runs one consumer's elementwise work while the other's products use the tensor cores. Each stores its
-  own tile's dK and dV.
+  own tile's dK and dV through its tile's K and V buffers, which no product reads any more, and one TMA copy each
+  (``hopper_fwd._store_through_smem``).
+
+The stores from the MMA registers before them were four bytes per instruction: under ncu's source counters the
+consumers spent 3.5 % of all warp samples at 8k stalled on a full store queue, in a once-per-CTA part of 18 %
+(``bench/results/logs/ncu_backward_stalls_H100.md``). Through shared memory and TMA, in one process on one H100 with
+the gradients bitwise equal (``logs/backward_epilogue_ab_H100.log``): the kernel 5-10 % faster at 8k, where a CTA's
+walk is short, and within the rounds' spread (+-3 %) at 32k, under GQA and at 128k.
 
 Over its interior chunks (no mask) a consumer pipelines its products (``_interior_step``): dV and dK of one chunk are
 issued with S^T of the next, and dP^T of the next once dV and dK are done, so that one wait covers what took two
@@ -61,12 +68,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .hopper_fwd import _descriptor, _invalidate_ring, _ring_barriers, hopper_runnable, launch_or_fall_back
+from .hopper_fwd import (_descriptor, _invalidate_ring, _partition_barrier, _ring_barriers, _store_through_smem,
+                         hopper_runnable, launch_or_fall_back, store_descriptors)
 from .kernels import _LOG2E, _col_chunks, _pair_tiles, _seq_bounds
 from .rows import lse_strides, qkv_strides, row_view
-
-# the CTA barrier (within a warp-specialised partition: that partition's warps) is gl.barrier from Triton 3.7 on
-_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
@@ -187,9 +192,9 @@ def _union_walk(RESIDUES, pat, pos_a, pos_b, ok_a, ok_b, first_block, kv_end, pa
 
 @gluon.jit
 def _dkdv_consume(wg: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, kv_bar,
-                  DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b, seq_start, kv_end, past,
-                  stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                  sm_scale, qk_scale, first_block, group, local_blocks, vert_stride,
+                  DK, DV, DK_DESC, DV_DESC, dk_rows_b, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b,
+                  seq_start, kv_end, past, stride_dks, stride_dkh, stride_dvs, stride_dvh, sm_scale, qk_scale,
+                  first_block, group, local_blocks, vert_stride,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
                   STAGES: gl.constexpr, DESCENDING: gl.constexpr):
     """Consumer warpgroup ``wg``: dK and dV of tile ``wg`` of the pair over every chunk of the joint walk that its own
@@ -250,16 +255,13 @@ def _dkdv_consume(wg: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, d
                                  v_t, q_smem, do_smem, lse_smem, delta_smem, ready, empty, qk_scale, k_pos, hi_b,
                                  first_block, BS, BLOCK_M, BLOCK_N, STAGES, s_layout, a_layout)
         it += n
-    if mine:
-        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-        row = seq_start + k_pos0 + rows
-        ok = ((k_pos0 + rows) < kv_end)[:, None]
-        off_b = b.to(gl.int64)
-        gl.store(DK + off_b * stride_dkb + kvh * stride_dkh + row[:, None] * stride_dks + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
-        gl.store(DV + off_b * stride_dvb + kvh * stride_dvh + row[:, None] * stride_dvs + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=ok)
+    if mine:  # through this consumer's K/V buffers, which no product reads any more
+        row = b * dk_rows_b + seq_start + k_pos0
+        _store_through_smem((dk * sm_scale).to(DK.dtype.element_ty), k_t, DK_DESC, DK, row, kvh * stride_dkh,
+                            stride_dks, 0, kv_end - k_pos0)
+        _store_through_smem(dv.to(DV.dtype.element_ty), v_t, DV_DESC, DV, row, kvh * stride_dvh, stride_dvs, 0,
+                            kv_end - k_pos0)
+        tma.store_wait(0)
 
 
 @gluon.jit
@@ -307,11 +309,10 @@ def _dkdv_load(K_DESC, V_DESC, Q_DESC, DO_DESC, LSE, DELTA, k_smem, v_smem, q_sm
 
 @gluon.jit
 def s2_dkdv_hopper_kernel(
-    Q_DESC, K_DESC, V_DESC, DO_DESC, DK, DV, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
-    stride_qh, stride_kh, stride_vh, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
-    stride_dvh, stride_lb, stride_lh,
+    Q_DESC, K_DESC, V_DESC, DO_DESC, DK, DV, DK_DESC, DV_DESC, LSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
+    stride_qh, stride_kh, stride_vh, stride_doh, stride_dks, stride_dkh, stride_dvs, stride_dvh, stride_lb, stride_lh,
     sm_scale, qk_scale, q_len, kv_len, first_block, num_kv_heads, num_pairs, lead_pairs, group, local_blocks,
-    vert_stride, q_rows_b, kv_rows_b,
+    vert_stride, q_rows_b, kv_rows_b, dk_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
     STAGES: gl.constexpr, VARLEN: gl.constexpr, HEADS_FASTEST: gl.constexpr, DESCENDING: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -354,13 +355,13 @@ def s2_dkdv_hopper_kernel(
         mbarrier.init(kv_bar, count=1)
         gl.warp_specialize([
             (_dkdv_consume, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, kv_bar,
-                             DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b, seq_start, kv_end,
-                             past, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, sm_scale,
+                             DK, DV, DK_DESC, DV_DESC, dk_rows_b, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a,
+                             ok_b, seq_start, kv_end, past, stride_dks, stride_dkh, stride_dvs, stride_dvh, sm_scale,
                              qk_scale, first_block, group, local_blocks, vert_stride,
                              HEAD_DIM, BLOCK_M, BLOCK_N, BS, STAGES, DESCENDING)),
             (_dkdv_consume, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ready, empty, kv_bar,
-                             DK, DV, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a, ok_b, seq_start, kv_end,
-                             past, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, sm_scale,
+                             DK, DV, DK_DESC, DV_DESC, dk_rows_b, HEAD_TO_PAT, RESIDUES, b, kvh, pos_a, pos_b, ok_a,
+                             ok_b, seq_start, kv_end, past, stride_dks, stride_dkh, stride_dvs, stride_dvh, sm_scale,
                              qk_scale, first_block, group, local_blocks, vert_stride,
                              HEAD_DIM, BLOCK_M, BLOCK_N, BS, STAGES, DESCENDING)),
             (_dkdv_load, (K_DESC, V_DESC, Q_DESC, DO_DESC, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, lse_smem,
@@ -468,13 +469,17 @@ def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta,
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
     pairs = pair_count(plan.kv_len, plan.block_size, tiles.block_n)
     heads_fastest, lead = program_order(plan, tiles)
+    stores = store_descriptors((dk, dv), plan, tiles.block_n)
+    if stores is None:
+        return False
+    dk_desc, dv_desc, dk_rows_b = stores
     return launch_or_fall_back(
         s2_dkdv_hopper_kernel, (pairs * plan.num_kv_heads, plan.batch), _broken, "dK/dV",
-        q_desc, k_desc, v_desc, do_desc, dk, dv, lse, delta, cu, head_to_pattern, residues,
-        sqh, skh, svh, sdoh, *qkv_strides(dk, plan.varlen), *qkv_strides(dv, plan.varlen),
+        q_desc, k_desc, v_desc, do_desc, dk, dv, dk_desc, dv_desc, lse, delta, cu, head_to_pattern, residues,
+        sqh, skh, svh, sdoh, *qkv_strides(dk, plan.varlen)[1:], *qkv_strides(dv, plan.varlen)[1:],
         *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len, first_block,
         plan.num_kv_heads, pairs, lead, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[2][2],
-        HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
+        dk_rows_b, HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
         STAGES=tiles.stages, VARLEN=plan.varlen, HEADS_FASTEST=heads_fastest, DESCENDING=tiles.descending,
         CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs, num_warps=4,
         maxnreg=tiles.maxnreg)

@@ -14,7 +14,9 @@ persistent CTA per SM takes them in turn, and inside a CTA
   first computes its rows' Delta = rowsum(O * dO) - dLSE (dO from shared memory) and stores it for the dK/dV
   kernel, which runs after this one. Per interior key tile it issues dQ += dS(t) K(t) together with S(t+1) = Q
   K(t+1)^T and dP(t+1) = dO V(t+1)^T, releases slot t once dQ's product is done, and computes dS(t+1) = P (dP -
-  Delta) with P = exp2(S scale - lse) while the other consumer's products use the tensor cores.
+  Delta) with P = exp2(S scale - lse) while the other consumer's products use the tensor cores. Its dQ rows go
+  out through a shared-memory buffer of its own and one TMA copy (``hopper_fwd._store_through_smem``), which the
+  next query tile's epilogue waits for before it writes the buffer again.
 
 The row walk and the masks are the forward's (``_work_item``, ``_masked_half``): interior key tiles unmasked, then
 the masked ones (the first local block, the diagonal), which a consumer computes only where its 64 rows keep some
@@ -23,12 +25,22 @@ Query rows outside the sequence are neither given Delta nor stored.
 
 Key tiles are 64 keys: dQ's three products hold S, dP and the dQ accumulator in registers (64 x 128 fp32 each at
 128-key tiles: 192 of the 240 registers before the addresses), and the pipelined step keeps the next tile's S and dP
-in flight with the current dS. It compiles to 168 registers per thread at the launch limit, without spills.
+in flight with the current dS. It compiles to 168 registers per thread at the launch limit; ptxas spills 40 bytes of
+the walk's state outside the key-tile loops since the epilogue has two ways out (the TMA copy of a whole tile, 16-byte
+stores of the rows of a tile at the sequence's end; either alone spills 4 bytes).
+
+The epilogue stored dQ from the MMA registers before, four bytes per instruction: under ncu's source counters the
+consumers then spent 3.4 % of all warp samples at 8k and 2.3 % at 32k stalled on a full store queue
+(``bench/results/logs/ncu_backward_stalls_H100.md``). Through shared memory and TMA, in one process on one H100 with
+the gradients bitwise equal (``logs/backward_epilogue_ab_H100.log``, medians of four rounds in two calls): the dQ
+kernel 2 / 8 % faster at 8k, 3 / 1 % at 32k, 1 % at 128k, 1 % slower under GQA 32/8 at 32k; the rounds of one variant
+spread 2-5 %. With the dQ buffer, a ring of three slots (four and three measured the same without it) made the kernel
+4 % slower at 32k in one call and 5 % at 128k, so the ring keeps four (224 KB of shared memory at head dim 128).
 
 Against the Triton dQ, in one process on one H100 (``bench/hopper_dq.py``, ``bench/results/hopper_dq_*.md``): dQ
 kernel time 0.83-0.91x from 2k to 128k at L16V16, 0.83x under GQA 32/8, 0.86x at block 128, 0.83x dense; forward +
-backward 0.96-0.97x from 8k to 128k. Four ring slots and three measured the same, two 1.1-1.2x slower; one CTA per
-query tile instead of the persistent grid 1.05x slower at 8k, 1.03x at 32k, the same at 128k
+backward 0.96-0.97x from 8k to 128k. Four ring slots and three measured the same (before the dQ buffer), two 1.1-1.2x
+slower; one CTA per query tile instead of the persistent grid 1.05x slower at 8k, 1.03x at 32k, the same at 128k
 (``bench/results/logs/hopper_dq_variants_H100.log``). Its launch costs about 36 us more host time than the Triton
 dQ's (``logs/hopper_dq_host_H100.log``), which shows only where a call is host bound (one 2k call of 32 heads).
 
@@ -45,11 +57,12 @@ from typing import Optional
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from . import hopper_fwd as _fwd
-from .hopper_fwd import (_descriptor, _entry_block, _half_entry, _invalidate_barriers, _masked_half, _query_barriers,
-                         _ring_barriers, _work_item, _ws_load, hopper_runnable, launch_or_fall_back, row_keys)
+from .hopper_fwd import (_descriptor, _entry_block, _half_entry, _invalidate_barriers, _masked_half,
+                         _partition_barrier, _query_barriers, _ring_barriers, _store_through_smem, _work_item, _ws_load,
+                         hopper_runnable, launch_or_fall_back, row_keys, store_descriptors)
 from .kernels import _LOG2E, _last_keeping_row
 from .rows import lse_strides, qkv_strides, row_view
 
@@ -119,10 +132,10 @@ def _row_delta(o_ptrs, do, ok, dlse_ptrs, HAS_DLSE: gl.constexpr):
 
 
 @gluon.jit
-def _dq_consume(wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free, O, DQ, LSE, DLSE,
-                DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh, stride_dqb, stride_dqs,
-                stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items, num_tiles, num_heads,
-                first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
+def _dq_consume(wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, dq_smem, ready, empty, q_bar, q_free, O, DQ,
+                DQ_DESC, dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os,
+                stride_oh, stride_dqs, stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items,
+                num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
                 ROWS: gl.constexpr, VARLEN: gl.constexpr, HAS_DLSE: gl.constexpr):
     """Consumer warpgroup ``wg``: rows ``64 wg .. 64 wg + 63`` of each query tile of the CTA, every key tile of its
@@ -185,23 +198,24 @@ def _dq_consume(wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ready, empty,
                 mbarrier.arrive(empty.index(slot), count=1)
             mbarrier.arrive(q_free, count=1)  # every product reading Q and dO is done: the next tile may load
 
-            rows_a = wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
-            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-            ok_a = (tile_pos0 + rows_a >= past) & (tile_pos0 + rows_a < kv_end)
-            dq_ptrs = (DQ + b.to(gl.int64) * stride_dqb + h * stride_dqh + (row0 + rows_a)[:, None] * stride_dqs
-                       + offs_d[None, :])
-            gl.store(dq_ptrs, (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok_a[:, None])
+            tma.store_wait(0)  # the previous tile's copy has read the buffer
+            _partition_barrier()
+            first = tile_pos0 + wg * 64 - past  # query row of the consumer's first row
+            _store_through_smem((acc * sm_scale).to(DQ.dtype.element_ty), dq_smem.index(wg), DQ_DESC, DQ,
+                                b * dq_rows_b + seq_start + first, h * stride_dqh, stride_dqs, -first,
+                                kv_end - past - first)
             it += n_all
             j += 1
+    tma.store_wait(0)
 
 
 @gluon.jit
 def s2_dq_hopper_kernel(
-    Q_DESC, DO_DESC, K_DESC, V_DESC, O, DQ, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
-    stride_qh, stride_doh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_dqb, stride_dqs, stride_dqh,
+    Q_DESC, DO_DESC, K_DESC, V_DESC, O, DQ, DQ_DESC, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
+    stride_qh, stride_doh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     sm_scale, qk_scale, q_len, kv_len, num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride,
-    q_rows_b, kv_rows_b,
+    q_rows_b, kv_rows_b, dq_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
     STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_DLSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     num_warps: gl.constexpr,
@@ -218,18 +232,19 @@ def s2_dq_hopper_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], DO_DESC.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
+    dq_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], DQ_DESC.layout)  # each consumer's dQ rows going out
     ready, empty = _ring_barriers(STAGES)
     q_bar, q_free = _query_barriers()
     gl.warp_specialize([
-        (_dq_consume, (0, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free, O, DQ, LSE, DLSE, DELTA,
-                       CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh, stride_dqb, stride_dqs,
-                       stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items, num_tiles,
-                       num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
+        (_dq_consume, (0, q_smem, do_smem, k_smem, v_smem, dq_smem, ready, empty, q_bar, q_free, O, DQ, DQ_DESC,
+                       dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh,
+                       stride_dqs, stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items,
+                       num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
                        HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN, HAS_DLSE)),
-        (_dq_consume, (1, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free, O, DQ, LSE, DLSE, DELTA,
-                       CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh, stride_dqb, stride_dqs,
-                       stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items, num_tiles,
-                       num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
+        (_dq_consume, (1, q_smem, do_smem, k_smem, v_smem, dq_smem, ready, empty, q_bar, q_free, O, DQ, DQ_DESC,
+                       dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh,
+                       stride_dqs, stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items,
+                       num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
                        HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN, HAS_DLSE)),
         (_ws_load, (Q_DESC, DO_DESC, K_DESC, V_DESC, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free,
                     CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_qh, stride_doh, stride_kh, stride_vh, q_len, kv_len,
@@ -241,7 +256,7 @@ def s2_dq_hopper_kernel(
 
 @dataclass(frozen=True)
 class HopperDqTiles:
-    stages: int = 4           # K/V ring slots of 64 keys (32 KB each at head dim 128; with Q and dO 192 KB)
+    stages: int = 4           # K/V ring slots of 64 keys (32 KB each at head dim 128; with Q, dO and dQ 224 KB)
     consumer_regs: int = 240  # registers per thread of each consumer warpgroup (the producer warp keeps 24)
     maxnreg: int = 168        # launch limit: 12 warps x 168 registers fill the register file, then redistributed
     block_m: int = 128        # two consumer warpgroups of 64 query rows (the forward's query tiles)
@@ -279,12 +294,16 @@ def hopper_dq(plan, tiles: HopperDqTiles, q, k, v, out, dout, dq, lse, dlse, del
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
     items = meta.num_tiles * plan.num_heads * plan.batch
     grid = min(items, _fwd._sm_count(plan.device.index)) if tiles.persistent else items
+    stores = store_descriptors((dq, ), plan, 64)
+    if stores is None:
+        return False
+    dq_desc, dq_rows_b = stores
     return launch_or_fall_back(
         s2_dq_hopper_kernel, (grid, ), _broken, "dQ",
-        q_desc, do_desc, k_desc, v_desc, out, dq, lse, dlse if dlse is not None else delta, delta, cu,
+        q_desc, do_desc, k_desc, v_desc, out, dq, dq_desc, lse, dlse if dlse is not None else delta, delta, cu,
         meta.head_to_pattern, residues, sqh, sdoh, skh, svh, *qkv_strides(out, plan.varlen),
-        *qkv_strides(dq, plan.varlen), *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len,
+        *qkv_strides(dq, plan.varlen)[1:], *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len,
         items, meta.num_tiles, plan.num_heads, meta.first_block, plan.group, plan.local_blocks, plan.vert_stride,
-        views[0][2], views[2][2], HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        views[0][2], views[2][2], dq_rows_b, HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BS=plan.block_size, STAGES=tiles.stages, VARLEN=plan.varlen, HAS_DLSE=dlse is not None,
         CONSUMER_REGS=tiles.consumer_regs, num_warps=4, maxnreg=tiles.maxnreg)

@@ -65,11 +65,15 @@ import torch
 from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                 warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .kernels import _LN2, _fast_split, _interior_block, _last_keeping_row, _row_walk, _seq_bounds
 from .rows import lse_strides, qkv_strides, row_view
+
+# the CTA barrier (within a warp-specialised partition: that partition's warps) is gl.barrier from Triton 3.7 on
+_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit
@@ -363,6 +367,34 @@ def _ws_load(Q_DESC, DO_DESC, K_DESC, V_DESC, q_smem, do_smem, k_smem, v_smem, r
 
 
 @gluon.jit
+def _store_through_smem(x, smem, DESC, X, row, col, stride_row, lo, hi):
+    """Store rows ``lo <= r < hi`` of the tile ``x`` (a warpgroup's registers) at row ``row + r``, column ``col`` of
+    the 2-D row view of ``X`` (``DESC``'s tensor, row stride ``stride_row``), through ``smem``: a buffer of the
+    descriptor's block and layout that no product reads any more. Every thread writes its part of the tile there,
+    then one TMA copy takes the whole tile, asynchronously; a tile with rows outside the sequence (they belong to
+    the next one, or to no query) goes out from shared memory in 16-byte stores of its own rows. A global store from
+    the MMA layout would be four bytes per instruction, and fills the store queue. The caller waits
+    (``tma.store_wait`` and a barrier) before the buffer is written again or the kernel ends."""
+    ROWS: gl.constexpr = DESC.block_type.shape[0]
+    COLS: gl.constexpr = DESC.block_type.shape[1]
+    smem.store(x)
+    if (lo == 0) & (hi >= ROWS):
+        fence_async_shared()  # the threads' shared-memory writes before the TMA unit reads them
+        _partition_barrier()
+        tma.async_copy_shared_to_global(DESC, [row.to(gl.int32), col], smem)
+    else:
+        _partition_barrier()
+        # a warp stores 256 contiguous bytes of each of its rows per instruction, 16 rows at a time per warpgroup
+        rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // COLS, COLS // 8], [4, 1], [1, 0])
+        CHUNK: gl.constexpr = 4 * (32 * 8 // COLS)
+        c = gl.arange(0, COLS, layout=gl.SliceLayout(0, rows_layout))
+        for i in gl.static_range(ROWS // CHUNK):
+            r = i * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, rows_layout))
+            ptrs = X + (row + r).to(gl.int64)[:, None] * stride_row + col + c[None, :]
+            gl.store(ptrs, smem.slice(i * CHUNK, CHUNK).load(rows_layout), mask=((r >= lo) & (r < hi))[:, None])
+
+
+@gluon.jit
 def _ring_barriers(STAGES: gl.constexpr):
     """The barriers of a ring of ``STAGES`` shared-memory slots, one pair per slot: ``ready`` (the producer's TMA
     copies into the slot have landed) and ``empty`` (both consumers have released it)."""
@@ -548,6 +580,16 @@ def _descriptor(x, view, block_rows, head_dim):
     shape, strides, _ = view
     layout = _smem_layout(block_rows, head_dim, x.dtype == torch.bfloat16)
     return TensorDescriptor(x, shape, strides, [block_rows, head_dim], layout)
+
+
+def store_descriptors(outs, plan, block_rows: int):
+    """``(descriptor per tensor of outs, rows per batch entry)`` for the TMA stores of a kernel's outputs (the
+    backward kernels' dQ, dK and dV, of equal shape where several), or None where a tensor has no TMA row view
+    (:func:`rows.row_view`) or they lay out their batch entries differently."""
+    views = [row_view(x, plan.varlen, plan.head_dim) for x in outs]
+    if any(view is None for view in views) or len({view[2] for view in views}) > 1:
+        return None
+    return (*(_descriptor(x, view, block_rows, plan.head_dim) for x, view in zip(outs, views)), views[0][2])
 
 
 def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) -> bool:
