@@ -384,7 +384,8 @@ def _store_through_smem(x, smem, DESC, X, row, col, stride_row, lo, hi):
         tma.async_copy_shared_to_global(DESC, [row.to(gl.int32), col], smem)
     else:
         _partition_barrier()
-        # a warp stores 256 contiguous bytes of each of its rows per instruction, 16 rows at a time per warpgroup
+        # 16 bytes per thread and instruction, whole rows per warp: 8 rows per pass of the warpgroup at 128 columns,
+        # 16 at 64
         rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // COLS, COLS // 8], [4, 1], [1, 0])
         CHUNK: gl.constexpr = 4 * (32 * 8 // COLS)
         c = gl.arange(0, COLS, layout=gl.SliceLayout(0, rows_layout))
