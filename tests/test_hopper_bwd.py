@@ -16,6 +16,7 @@ _ENV = InterpreterEnv()  # before triton and the kernels are imported
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.compiler.errors import CompilationError  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from s2megatron.ops.triton_s2 import hopper_bwd, hopper_fwd  # noqa: E402
 from s2megatron.ops.triton_s2 import kernels as _kernels  # noqa: E402
@@ -125,10 +126,14 @@ def test_program_order():
         == (True, 0)
 
 
-def test_compile_failure_falls_back_to_the_triton_kernel(sm90, monkeypatch):
-    """A Triton whose Gluon cannot build the kernel: one warning, nothing launched, and no further attempts."""
+@pytest.mark.parametrize("error", [CompilationError("k.py", None, "unsupported"),
+                                   OutOfResources(232448 + 16, 232448, "shared memory")],
+                         ids=["compile-error", "out-of-shared-memory"])
+def test_compile_failure_falls_back_to_the_triton_kernel(error, sm90, monkeypatch):
+    """A Triton whose Gluon cannot build the kernel, or builds it to more shared memory than a CTA may use (the
+    Hopper kernels fill most of the 227 KB): one warning, nothing launched, and no further attempts."""
     def failing_launch(*args, **kwargs):
-        raise CompilationError("k.py", None, "unsupported")
+        raise error
 
     monkeypatch.setattr(hopper_bwd, "s2_dkdv_hopper_kernel", {(2, 1): failing_launch}, raising=True)
     monkeypatch.setattr(hopper_bwd, "_descriptor", lambda *args: None)

@@ -63,6 +63,7 @@ from typing import Optional
 
 import torch
 from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -559,12 +560,13 @@ def hopper_forward_tiles(plan, q) -> Optional[HopperTiles]:
 
 def launch_or_fall_back(kernel, grid, broken: list, what: str, *args, **kwargs) -> bool:
     """Launch the Gluon ``kernel`` (the Hopper ``what``) on ``grid``; True once launched. Gluon is experimental:
-    where the installed Triton cannot compile the kernel, the error goes to ``broken`` (the module's ``_broken``, which
-    its policy checks, so the kernel is not tried again), one warning says the Triton kernel runs instead, and False
-    is returned (nothing launched)."""
+    where the installed Triton cannot compile the kernel, or compiles it to more shared memory than a CTA may use
+    (the dQ's buffers leave 2.4 KB of the 227 KB with Triton 3.6, another version may lay them out larger), the error
+    goes to ``broken`` (the module's ``_broken``, which its policy checks, so the kernel is not tried again), one
+    warning says the Triton kernel runs instead, and False is returned (nothing launched)."""
     try:
         kernel[grid](*args, **kwargs)
-    except CompilationError as err:
+    except (CompilationError, OutOfResources) as err:
         broken.append(err)
         warnings.warn(f"S2 Hopper {what} failed to compile, using the Triton {what} instead: {err}")
         return False
