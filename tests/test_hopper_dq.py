@@ -65,7 +65,7 @@ def test_compile_failure_falls_back_to_the_triton_dq(sm90, monkeypatch):
 
     monkeypatch.setattr(hopper_dq, "s2_dq_hopper_kernel", {(1, ): failing_launch}, raising=True)
     monkeypatch.setattr(hopper_fwd, "_sm_count", lambda index: 132, raising=True)
-    monkeypatch.setattr(hopper_dq, "_descriptor", lambda *args: None)
+    monkeypatch.setattr(hopper_fwd, "_descriptor", lambda *args: None)  # row_descriptors builds them there
     plan = _plan(varlen=False, num_heads=1, batch=1, q_len=64, group=1, local_blocks=1, vert_stride=1,
                  metadata=lambda rows: (types.SimpleNamespace(num_tiles=1, first_block=0, head_to_pattern=None), None))
     q = torch.empty(1, 64, 1, 128, dtype=torch.bfloat16)

@@ -123,23 +123,23 @@ _SASS = """
 """
 
 
-def test_store_descriptors_only_where_a_tma_copy_writes_exactly_the_rows():
-    """The backward kernels' outputs (dQ; dK and dV) go out through TMA copies of their row views: one descriptor per
-    tensor and the rows per batch entry they share; None (the launcher then declines, and the Triton kernel runs)
-    where a tensor has no row view or the tensors lay out their batch entries differently."""
+def test_row_descriptors_only_where_a_tma_copy_covers_exactly_the_rows():
+    """The Hopper kernels read (Q and dO, K and V) and write (dQ; dK and dV) through TMA copies of the tensors' row
+    views: one descriptor per tensor and the rows per batch entry they share; None (the launcher then declines, and
+    the Triton kernel runs) where a tensor has no row view or the tensors lay out their batch entries differently."""
     plan = types.SimpleNamespace(varlen=False, head_dim=64)
     dk, dv = (torch.empty(2, 100, 4, 64, dtype=torch.bfloat16) for _ in range(2))
-    desc_k, desc_v, rows_b = hopper_fwd.store_descriptors((dk, dv), plan, 64)
+    desc_k, desc_v, rows_b = hopper_fwd.row_descriptors((dk, dv), plan, 64)
     assert rows_b == 100 and list(desc_k.block_shape) == [64, 64] and list(desc_k.shape) == [200, 256]
     assert list(desc_v.strides) == [256, 1]
     wide = torch.empty(2, 120, 4, 64, dtype=torch.bfloat16)[:, :100]  # 120 rows per batch entry
-    assert hopper_fwd.store_descriptors((dk, wide), plan, 64) is None
-    assert hopper_fwd.store_descriptors((wide, ), plan, 64)[1] == 120
+    assert hopper_fwd.row_descriptors((dk, wide), plan, 64) is None
+    assert hopper_fwd.row_descriptors((wide, ), plan, 64)[1] == 120
     shifted = torch.empty(2 * 100 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 100, 4, 64)  # not 16-byte aligned
-    assert hopper_fwd.store_descriptors((shifted, ), plan, 64) is None
-    assert hopper_fwd.store_descriptors((dk.float(), ), plan, 64) is None
+    assert hopper_fwd.row_descriptors((shifted, ), plan, 64) is None
+    assert hopper_fwd.row_descriptors((dk.float(), ), plan, 64) is None
     packed = types.SimpleNamespace(varlen=True, head_dim=64)
-    desc, rows_b = hopper_fwd.store_descriptors((dk[0], ), packed, 64)
+    desc, rows_b = hopper_fwd.row_descriptors((dk[0], ), packed, 64)
     assert rows_b == 0 and list(desc.shape) == [100, 256]
 
 

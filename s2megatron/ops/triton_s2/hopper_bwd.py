@@ -68,10 +68,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .hopper_fwd import (_descriptor, _invalidate_ring, _partition_barrier, _ring_barriers, _store_through_smem,
-                         hopper_runnable, launch_or_fall_back, store_descriptors)
+from .hopper_fwd import (_invalidate_ring, _partition_barrier, _ring_barriers, _store_through_smem, hopper_runnable,
+                         launch_or_fall_back, row_descriptors)
 from .kernels import _LOG2E, _col_chunks, _pair_tiles, _seq_bounds
-from .rows import lse_strides, qkv_strides, row_view
+from .rows import lse_strides, qkv_strides
 
 
 @gluon.jit
@@ -461,24 +461,20 @@ def hopper_dkdv(plan, tiles: HopperDkdvTiles, q, k, v, dout, dk, dv, lse, delta,
                 first_block: int, head_to_pattern, residues) -> bool:
     """Launch the kernel into ``dk`` and ``dv``; False (nothing launched) where a tensor has no TMA row view
     (:func:`rows.row_view`) or Q and dO, K and V lay out their batch entries differently."""
-    views = [row_view(x, plan.varlen, plan.head_dim) for x in (q, dout, k, v)]
-    if any(view is None for view in views) or views[0][2] != views[1][2] or views[2][2] != views[3][2]:
+    rows = (row_descriptors((q, dout), plan, tiles.block_m), row_descriptors((k, v), plan, tiles.block_n),
+            row_descriptors((dk, dv), plan, tiles.block_n))
+    if None in rows:
         return False
-    q_desc, do_desc = (_descriptor(x, view, tiles.block_m, plan.head_dim) for x, view in zip((q, dout), views[:2]))
-    k_desc, v_desc = (_descriptor(x, view, tiles.block_n, plan.head_dim) for x, view in zip((k, v), views[2:]))
+    (q_desc, do_desc, q_rows_b), (k_desc, v_desc, kv_rows_b), (dk_desc, dv_desc, dk_rows_b) = rows
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
     pairs = pair_count(plan.kv_len, plan.block_size, tiles.block_n)
     heads_fastest, lead = program_order(plan, tiles)
-    stores = store_descriptors((dk, dv), plan, tiles.block_n)
-    if stores is None:
-        return False
-    dk_desc, dv_desc, dk_rows_b = stores
     return launch_or_fall_back(
         s2_dkdv_hopper_kernel, (pairs * plan.num_kv_heads, plan.batch), _broken, "dK/dV",
         q_desc, k_desc, v_desc, do_desc, dk, dv, dk_desc, dv_desc, lse, delta, cu, head_to_pattern, residues,
         sqh, skh, svh, sdoh, *qkv_strides(dk, plan.varlen)[1:], *qkv_strides(dv, plan.varlen)[1:],
         *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len, first_block,
-        plan.num_kv_heads, pairs, lead, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[2][2],
+        plan.num_kv_heads, pairs, lead, plan.group, plan.local_blocks, plan.vert_stride, q_rows_b, kv_rows_b,
         dk_rows_b, HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
         STAGES=tiles.stages, VARLEN=plan.varlen, HEADS_FASTEST=heads_fastest, DESCENDING=tiles.descending,
         CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs, num_warps=4,

@@ -60,11 +60,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from . import hopper_fwd as _fwd
-from .hopper_fwd import (_descriptor, _entry_block, _half_entry, _invalidate_barriers, _masked_half,
-                         _partition_barrier, _query_barriers, _ring_barriers, _store_through_smem, _work_item, _ws_load,
-                         hopper_runnable, launch_or_fall_back, row_keys, store_descriptors)
+from .hopper_fwd import (_entry_block, _half_entry, _invalidate_barriers, _masked_half, _partition_barrier,
+                         _query_barriers, _ring_barriers, _store_through_smem, _work_item, _ws_load, hopper_runnable,
+                         launch_or_fall_back, row_descriptors, row_keys)
 from .kernels import _LOG2E, _last_keeping_row
-from .rows import lse_strides, qkv_strides, row_view
+from .rows import lse_strides, qkv_strides
 
 
 @gluon.jit
@@ -284,26 +284,22 @@ def hopper_dq_tiles(plan, q) -> Optional[HopperDqTiles]:
 def hopper_dq(plan, tiles: HopperDqTiles, q, k, v, out, dout, dq, lse, dlse, delta, cu, sm_scale, qk_scale) -> bool:
     """Launch the kernel into ``dq`` and ``delta``; False (nothing launched) where a tensor has no TMA row view
     (:func:`rows.row_view`) or Q and dO, K and V lay out their batch entries differently."""
-    views = [row_view(x, plan.varlen, plan.head_dim) for x in (q, dout, k, v)]
-    if any(view is None for view in views) or views[0][2] != views[1][2] or views[2][2] != views[3][2]:
-        return False
-    meta, residues = plan.metadata(tiles.block_m)
-    q_desc, do_desc = (_descriptor(x, view, 64, plan.head_dim) for x, view in zip((q, dout), views[:2]))
     part = min(plan.block_size, tiles.block_n)
-    k_desc, v_desc = (_descriptor(x, view, part, plan.head_dim) for x, view in zip((k, v), views[2:]))
+    rows = (row_descriptors((q, dout), plan, 64), row_descriptors((k, v), plan, part),
+            row_descriptors((dq, ), plan, 64))
+    if None in rows:
+        return False
+    (q_desc, do_desc, q_rows_b), (k_desc, v_desc, kv_rows_b), (dq_desc, dq_rows_b) = rows
+    meta, residues = plan.metadata(tiles.block_m)
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
     items = meta.num_tiles * plan.num_heads * plan.batch
     grid = min(items, _fwd._sm_count(plan.device.index)) if tiles.persistent else items
-    stores = store_descriptors((dq, ), plan, 64)
-    if stores is None:
-        return False
-    dq_desc, dq_rows_b = stores
     return launch_or_fall_back(
         s2_dq_hopper_kernel, (grid, ), _broken, "dQ",
         q_desc, do_desc, k_desc, v_desc, out, dq, dq_desc, lse, dlse if dlse is not None else delta, delta, cu,
         meta.head_to_pattern, residues, sqh, sdoh, skh, svh, *qkv_strides(out, plan.varlen),
         *qkv_strides(dq, plan.varlen)[1:], *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len,
         items, meta.num_tiles, plan.num_heads, meta.first_block, plan.group, plan.local_blocks, plan.vert_stride,
-        views[0][2], views[2][2], dq_rows_b, HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        q_rows_b, kv_rows_b, dq_rows_b, HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BS=plan.block_size, STAGES=tiles.stages, VARLEN=plan.varlen, HAS_DLSE=dlse is not None,
         CONSUMER_REGS=tiles.consumer_regs, num_warps=4, maxnreg=tiles.maxnreg)

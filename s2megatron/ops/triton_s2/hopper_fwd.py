@@ -585,26 +585,26 @@ def _descriptor(x, view, block_rows, head_dim):
     return TensorDescriptor(x, shape, strides, [block_rows, head_dim], layout)
 
 
-def store_descriptors(outs, plan, block_rows: int):
-    """``(descriptor per tensor of outs, rows per batch entry)`` for the TMA stores of a kernel's outputs (the
-    backward kernels' dQ, dK and dV, of equal shape where several), or None where a tensor has no TMA row view
-    (:func:`rows.row_view`) or they lay out their batch entries differently."""
-    views = [row_view(x, plan.varlen, plan.head_dim) for x in outs]
+def row_descriptors(xs, plan, block_rows: int):
+    """``(a descriptor of block_rows rows per tensor of xs, rows per batch entry)`` for TMA copies of tensors that
+    share a batch layout (Q and dO, K and V, dK and dV; or one tensor), or None where a tensor has no TMA row view
+    (:func:`rows.row_view`: strides, alignment) or they lay out their batch entries differently: the launcher then
+    declines."""
+    views = [row_view(x, plan.varlen, plan.head_dim) for x in xs]
     if any(view is None for view in views) or len({view[2] for view in views}) > 1:
         return None
-    return (*(_descriptor(x, view, block_rows, plan.head_dim) for x, view in zip(outs, views)), views[0][2])
+    return (*(_descriptor(x, view, block_rows, plan.head_dim) for x, view in zip(xs, views)), views[0][2])
 
 
 def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) -> bool:
     """Launch the kernel into ``out`` and ``lse``; False (nothing launched) where a tensor has no TMA row view
     (:func:`rows.row_view`: strides, alignment) or K and V lay out their batch entries differently."""
-    views = [row_view(x, plan.varlen, plan.head_dim) for x in (q, k, v)]
-    if any(view is None for view in views) or views[1][2] != views[2][2]:
-        return False
-    meta, residues = plan.metadata(tiles.block_m)
-    q_desc = _descriptor(q, views[0], 64, plan.head_dim)
     part = min(plan.block_size, tiles.block_n)  # one TMA copy: a whole block, or a key tile of one block
-    k_desc, v_desc = (_descriptor(x, view, part, plan.head_dim) for x, view in zip((k, v), views[1:]))
+    rows = row_descriptors((q, ), plan, 64), row_descriptors((k, v), plan, part)
+    if None in rows:
+        return False
+    (q_desc, q_rows_b), (k_desc, v_desc, kv_rows_b) = rows
+    meta, residues = plan.metadata(tiles.block_m)
     (_, _, sqh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, k, v))
     sob, sos, soh = qkv_strides(out, plan.varlen)
     items = meta.num_tiles * plan.num_heads * plan.batch
@@ -613,7 +613,7 @@ def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) ->
         s2_fwd_hopper_kernel, (grid, ), _broken, "forward",
         q_desc, k_desc, v_desc, out, lse, cu, meta.head_to_pattern, residues, sqh, skh, svh, sob, sos, soh,
         *lse_strides(lse, plan.varlen), qk_scale, plan.q_len, plan.kv_len, items, meta.num_tiles,
-        plan.num_heads, meta.first_block, plan.group, plan.local_blocks, plan.vert_stride, views[0][2], views[1][2],
+        plan.num_heads, meta.first_block, plan.group, plan.local_blocks, plan.vert_stride, q_rows_b, kv_rows_b,
         HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size,
         STAGES=tiles.stages, VARLEN=plan.varlen, CONSUMER_REGS=tiles.consumer_regs, num_warps=4,
         maxnreg=tiles.maxnreg)
