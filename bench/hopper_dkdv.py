@@ -24,21 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from launches import record_launches  # noqa: E402
 from report import card_tag, write_markdown  # noqa: E402
 from s2megatron.ops.triton_s2 import hopper_bwd  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
 
-_launches = []
-_real_launch = _op._hopper_bwd.hopper_dkdv
+_launches = record_launches(_op._hopper_bwd, "hopper_dkdv")
 _real_tiles = _op._hopper_bwd.hopper_dkdv_tiles
 _tiles = [None]  # tiles to time instead of the default
-
-
-def _counting(*args):
-    _launches.append(_real_launch(*args))
-    return _launches[-1]
 
 
 def _chosen_tiles(plan, q):
@@ -46,7 +41,6 @@ def _chosen_tiles(plan, q):
     return tiles if tiles is None or _tiles[0] is None else _tiles[0]
 
 
-_op._hopper_bwd.hopper_dkdv = _counting
 _op._hopper_bwd.hopper_dkdv_tiles = _chosen_tiles
 
 

@@ -26,21 +26,13 @@ import triton  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from attention import bench_ms  # noqa: E402
+from launches import record_launches  # noqa: E402
 from report import card_tag, write_markdown  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
 
-_launches = []
-_real_launch = _op._hopper_dq.hopper_dq
-
-
-def _counting(*args):
-    _launches.append(_real_launch(*args))
-    return _launches[-1]
-
-
-_op._hopper_dq.hopper_dq = _counting
+_launches = record_launches(_op._hopper_dq, "hopper_dq")
 MODES = {"triton": "0", "hopper": "auto"}  # the policy's choice: the Hopper dQ wherever it can run
 
 

@@ -21,21 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from launches import record_launches  # noqa: E402
 from report import card_tag, write_markdown  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
 
-_launches = []
-_real = _op._hopper.hopper_forward
-
-
-def _counting(*args):
-    _launches.append(_real(*args))
-    return _launches[-1]
-
-
-_op._hopper.hopper_forward = _counting
+_launches = record_launches(_op._hopper, "hopper_forward")
 _PERSISTENT_ROW_SHARE = _op._hopper.PERSISTENT_ROW_SHARE
 
 
