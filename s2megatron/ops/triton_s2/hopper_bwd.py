@@ -376,7 +376,7 @@ def s2_dkdv_hopper_kernel(
 
 @dataclass(frozen=True)
 class HopperDkdvTiles:
-    stages: int = 4           # Q/dO ring slots (32 KB each at head dim 128; with K/V of two tiles 195 KB)
+    stages: int = 5           # Q/dO ring slots (32 KB each at head dim 128; with K/V of two tiles 227 KB)
     consumer_regs: int = 240  # registers per thread of each consumer warpgroup
     producer_regs: int = 24   # of the producer warp (what it releases is what the consumers take: 4 x 144 = 8 x 72)
     maxnreg: int = 168        # launch limit: 12 warps x 168 registers fill the register file, then redistributed
