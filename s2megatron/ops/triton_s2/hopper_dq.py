@@ -20,7 +20,7 @@ persistent CTA per SM takes them in turn, and inside a CTA
 
 The row walk and the masks are the forward's (``_work_item``, ``_masked_half``): interior key tiles unmasked, then
 the masked ones (the first local block, the diagonal), which a consumer computes only where its 64 rows keep some
-key of the tile (:func:`_tile_live`: the per-row Merge-Q mask and the causal limit), one product after the other.
+key of the tile (``hopper_fwd._keeps_part``: the per-row Merge-Q mask and the causal limit), one product after the other.
 Query rows outside the sequence are neither given Delta nor stored.
 
 Key tiles are 64 keys: dQ's three products hold S, dP and the dQ accumulator in registers (64 x 128 fp32 each at
@@ -60,10 +60,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from . import hopper_fwd as _fwd
-from .hopper_fwd import (_entry_block, _half_entry, _invalidate_barriers, _masked_half, _partition_barrier,
+from .hopper_fwd import (_half_entry, _invalidate_barriers, _keeps_part, _masked_half, _partition_barrier,
                          _query_barriers, _ring_barriers, _store_through_smem, _work_item, _ws_load, hopper_runnable,
                          launch_or_fall_back, row_descriptors, row_keys)
-from .kernels import _LOG2E, _last_keeping_row
+from .kernels import _LOG2E
 from .rows import lse_strides, qkv_strides
 
 
@@ -107,18 +107,6 @@ def _interior_step(cur, ds, acc, q, do, k_smem, v_smem, ready, empty, lse2, delt
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         mbarrier.arrive(empty.index(slot), count=1)
     return ds, acc
-
-
-@gluon.jit
-def _tile_live(t, wg: gl.constexpr, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, tile_pos0,
-               BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Whether consumer ``wg``'s 64 query rows keep some key of masked key tile ``t``: its layout block is kept by
-    the layout row of the consumer's first row or an earlier one, and its first key is at or before the consumer's
-    last query."""
-    e, off = _half_entry(t, 0, BS, BLOCK_N)
-    j = _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride)
-    return (((wg * 64) // BS <= _last_keeping_row((j % vert_stride) == w0, j, w3, width, ROWS))
-            & (j * BS + off <= tile_pos0 + wg * 64 + 63))
 
 
 @gluon.jit
@@ -187,8 +175,9 @@ def _dq_consume(wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, dq_smem, read
                 cur = it + t
                 slot = cur % STAGES
                 mbarrier.wait(ready.index(slot), (cur // STAGES) & 1)
-                if _tile_live(t, wg, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride, tile_pos0, BS, ROWS,
-                              BLOCK_N):
+                e, off = _half_entry(t, 0, BS, BLOCK_N)
+                if _keeps_part(True, e, off, wg, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
+                               tile_pos0, BS, ROWS):
                     s, dp = _scores(q, do, slot, k_smem, v_smem, BLOCK_N, s_layout)
                     s = _masked_half(s, t, 0, wg, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
                                      tile_pos0, BS, ROWS, BLOCK_N, s_layout)

@@ -127,20 +127,31 @@ def _half_entry(t, g: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _keeps_part(in_walk, e, off, wg: gl.constexpr, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
+                tile_pos0, BS: gl.constexpr, ROWS: gl.constexpr):
+    """Whether consumer ``wg``'s 64 query rows keep some key of the keys from ``off`` in the block of walk entry ``e``
+    (``in_walk``: the entry is one of the walk's): the block is kept by the layout row of the consumer's first row or
+    an earlier one (Merge-Q), and its first key there is at or before the consumer's last query (causal). Which
+    parts of the masked key tiles a consumer computes, in the forward (:func:`_live_halves`) and in the dQ
+    (``hopper_dq``)."""
+    j = _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride)
+    return (in_walk & ((wg * 64) // BS <= _last_keeping_row((j % vert_stride) == w0, j, w3, width, ROWS))
+            & (j * BS + off <= tile_pos0 + wg * 64 + 63))
+
+
+@gluon.jit
 def _live_halves(wg: gl.constexpr, n_ent, n_in_e, n_in, w0, w1, w2, w3, m1, mid_start, width, vert_stride, tile_pos0,
                  BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
     """Which 64-key halves of the masked key tiles consumer ``wg``'s 64 query rows keep, as bits
-    ``2 (t - n_in) + g``: the half is a block of the walk (not the repeat that pads the last tile), kept by the layout
-    row of the consumer's first row or an earlier one, and its first key is at or before the consumer's last query.
-    Computed once per query tile, after the interior walk. There are at most two masked tiles: ``m1`` is 0 or 1
-    (``_fast_split``), the diagonal is ``ROWS`` blocks (one tile at block 128), and one interior block may share the
-    first of them."""
+    ``2 (t - n_in) + g``: the half is a block of the walk (not the repeat that pads the last tile) and the
+    consumer's rows keep some key of it (:func:`_keeps_part`). Computed once per query tile, after the interior walk.
+    There are at most two masked tiles: ``m1`` is 0 or 1 (``_fast_split``), the diagonal is ``ROWS`` blocks (one
+    tile at block 128), and one interior block may share the first of them."""
     bits = 0
     for u in gl.static_range(2 * (BLOCK_N // 64)):
         e, off = _half_entry(n_in + u // (BLOCK_N // 64), u % (BLOCK_N // 64), BS, BLOCK_N)
-        j = _entry_block(e, n_in_e, w0, w1, w2, w3, m1, mid_start, vert_stride)
-        live = ((e < n_ent) & ((wg * 64) // BS <= _last_keeping_row((j % vert_stride) == w0, j, w3, width, ROWS))
-                & (j * BS + off <= tile_pos0 + wg * 64 + 63))
+        live = _keeps_part(e < n_ent, e, off, wg, n_in_e, w0, w1, w2, w3, m1, mid_start, width, vert_stride,
+                           tile_pos0, BS, ROWS)
         bits = bits | (live.to(gl.int32) << u)
     return bits
 
