@@ -19,6 +19,14 @@ def plan_stub(**fields):
     return plan
 
 
+def l16v16_plan(**over):
+    """The plan of an L16V16 call at block 64 (32 heads of dim 128, 32k keys, on cuda:0), ``over`` replacing or
+    adding fields: the shape the Hopper policies' tests start from."""
+    from s2megatron.sparsity import S2Layout  # at call time: the tests import this module before the interpreter env
+    return plan_stub(**{**dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=32768,
+                               num_heads=32, analytic=True, block_size=64, head_dim=128), **over})
+
+
 def check_policy_scope(policy, plan, env, declined, monkeypatch, hopper_fwd):
     """What the Hopper policies share: ``policy(plan(**over), q)`` is None for every ``over`` in ``declined`` and
     for float32 inputs; ``env`` = 1 takes the kernel at any length, = 0 never; not on sm_90 (sm_80, or sm_100 with no

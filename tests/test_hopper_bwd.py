@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import check_policy_scope, plan_stub  # noqa: E402
+from hopper_plans import check_policy_scope, l16v16_plan  # noqa: E402
 from triton_interpret import InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -38,13 +38,8 @@ def _pairs_kernel(R, OUT, kv_end, vert_stride, BS: tl.constexpr, BLOCK_N: tl.con
     tl.store(OUT + 4 * p + 3, ok_b.to(tl.int32))
 
 
-_DEFAULTS = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=131072, num_heads=32,
-                 group=1, analytic=True, merge_q=True, block_size=64, head_dim=128,
-                 cfg=types.SimpleNamespace(block_m=128))
-
-
 def _plan(**over):
-    return plan_stub(**{**_DEFAULTS, **over})
+    return l16v16_plan(**{**dict(kv_len=131072, group=1, merge_q=True, cfg=types.SimpleNamespace(block_m=128)), **over})
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import check_policy_scope, plan_stub  # noqa: E402
+from hopper_plans import check_policy_scope, l16v16_plan  # noqa: E402
 from triton_interpret import InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -24,12 +24,7 @@ _kernels = interpreted(_kernels, "s2_fwd_kernel")  # the CPU test of the op runs
 _interpreter_env = _ENV.fixture()
 
 
-_DEFAULTS = dict(device=torch.device("cuda", 0), layout=S2Layout(64, 16, 16), kv_len=32768, num_heads=32,
-                 analytic=True, block_size=64, head_dim=128)
-
-
-def _plan(**over):
-    return plan_stub(**{**_DEFAULTS, **over})
+_plan = l16v16_plan
 
 
 @pytest.fixture
