@@ -20,8 +20,8 @@ persistent CTA per SM takes them in turn, and inside a CTA
 
 The row walk and the masks are the forward's (``_work_item``, ``_masked_half``): interior key tiles unmasked, then
 the masked ones (the first local block, the diagonal), which a consumer computes only where its 64 rows keep some
-key of the tile (``hopper_fwd._keeps_part``: the per-row Merge-Q mask and the causal limit), one product after the other.
-Query rows outside the sequence are neither given Delta nor stored.
+key of the tile (``hopper_fwd._keeps_part``: the per-row Merge-Q mask and the causal limit), one product after the
+other. Query rows outside the sequence are neither given Delta nor stored.
 
 Key tiles are 64 keys: dQ's three products hold S, dP and the dQ accumulator in registers (64 x 128 fp32 each at
 128-key tiles: 192 of the 240 registers before the addresses), and the pipelined step keeps the next tile's S and dP
