@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from launches import record_launches  # noqa: E402
-from report import card_tag, write_markdown  # noqa: E402
+from report import run_env, write_markdown, write_rows  # noqa: E402
 from s2megatron.ops.triton_s2 import hopper_bwd  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
@@ -95,9 +95,8 @@ def main():
     ap.add_argument("--tiles", nargs="*", default=[], help="other Hopper tiles, e.g. block_m=64,stages=4")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    card = torch.cuda.get_device_name()
-    env = dict(card=card, torch=torch.__version__, triton=triton.__version__)
-    print(json.dumps(env), flush=True)
+    env = run_env()
+    card = env["card"]
     variants = [("default", None)] + [(spec, _parse_tiles(spec)) for spec in args.tiles]
     s2 = S2Layout(64, 16, 16)
     rows = [row("L16V16", s2, n, variants) for n in args.seqs]
@@ -106,10 +105,7 @@ def main():
     for n in (8192, 32768):  # causal fwd + bwd: 3.5x the forward's 2 matrix products
         rows.append(row("dense (vert_stride 1)", S2Layout(64, 1, 1), n, variants,
                         flops=3.5 * 4 * 32 * n * n * 128 / 2))
-    tag = card_tag(card)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"hopper_dkdv_{tag}.json"), "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
+    base = write_rows(args.out, "hopper_dkdv", env, rows)
     labels = [label for label, _ in variants]
     lines = [f"# S2 forward + backward: Triton dK/dV vs warp-specialised Hopper dK/dV ({card})", "",
              f"torch {env['torch']}, triton {env['triton']}; B=1, H=32 (GQA row: 8 kv heads), D=128, bf16; medians "
@@ -127,7 +123,7 @@ def main():
         diff = max(h["rel_diff"] for h in r["hopper"].values())
         lines.append(f"| {r['name']} | {r['seq']} | {r['triton_ms']:.3f}{tf} | " + " | ".join(cells) +
                      f" | {diff:.1e} |")
-    write_markdown(os.path.join(args.out, f"hopper_dkdv_{tag}.md"), lines)
+    write_markdown(base + ".md", lines)
 
 
 if __name__ == "__main__":

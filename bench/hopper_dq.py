@@ -22,12 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from attention import bench_ms  # noqa: E402
 from launches import record_launches  # noqa: E402
-from report import card_tag, write_markdown  # noqa: E402
+from report import run_env, write_markdown, write_rows  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
@@ -90,18 +89,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    card = torch.cuda.get_device_name()
-    env = dict(card=card, torch=torch.__version__, triton=triton.__version__)
-    print(json.dumps(env), flush=True)
+    env = run_env()
+    card = env["card"]
     s2 = S2Layout(64, 16, 16)
     rows = [row("L16V16", s2, n, args.rounds) for n in args.seqs]
     rows.append(row("L16V16 GQA 32/8", s2, 32768, args.rounds, hkv=8))
     rows.append(row("L8V8 block 128", S2Layout(128, 8, 8), 32768, args.rounds))
     rows.append(row("dense (vert_stride 1)", S2Layout(64, 1, 1), 8192, args.rounds))
-    tag = card_tag(card)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"hopper_dq_{tag}.json"), "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
+    base = write_rows(args.out, "hopper_dq", env, rows)
     lines = [f"# S2 dQ: Triton dQ kernel vs warp-specialised Hopper dQ ({card})", "",
              f"torch {env['torch']}, triton {env['triton']}; B=1, H=32 (GQA row: 8 kv heads), D=128, bf16; "
              f"`python bench/hopper_dq.py`, {args.rounds} alternating rounds, medians over the rounds, ms: the dQ "
@@ -116,7 +111,7 @@ def main():
                      f"{r['hopper_dq_ms_median'] / r['triton_dq_ms_median']:.3f} | "
                      f"{r['triton_fwdbwd_ms_median']:.3f} | {r['hopper_fwdbwd_ms_median']:.3f} | "
                      + ", ".join(f"{x:.1e}" for x in r["rel_diff"]) + " |")
-    write_markdown(os.path.join(args.out, f"hopper_dq_{tag}.md"), lines)
+    write_markdown(base + ".md", lines)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from launches import record_launches  # noqa: E402
-from report import card_tag, write_markdown  # noqa: E402
+from report import run_env, write_markdown, write_rows  # noqa: E402
 from s2megatron.ops.triton_s2 import op as _op  # noqa: E402
 from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
@@ -65,19 +65,15 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072, 262144])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    card = torch.cuda.get_device_name()
-    env = dict(card=card, torch=torch.__version__, triton=triton.__version__)
-    print(json.dumps(env), flush=True)
+    env = run_env()
+    card = env["card"]
     s2 = S2Layout(64, 16, 16)
     rows = [row("L16V16", s2, n) for n in args.seqs]
     rows.append(row("L16V16 GQA 32/8", s2, 32768, hkv=8))
     rows.append(row("L8V8 block 128", S2Layout(128, 8, 8), 32768))
     for n in (8192, 32768):
         rows.append(row("dense (vert_stride 1)", S2Layout(64, 1, 1), n, flops=4 * 32 * n * n * 128 / 2))  # causal
-    tag = card_tag(card)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"hopper_forward_{tag}.json"), "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
+    base = write_rows(args.out, "hopper_forward", env, rows)
     lines = [f"# S2 forward: Triton kernel vs warp-specialised Hopper kernel ({card})", "",
              f"torch {env['torch']}, triton {env['triton']}; B=1, H=32 (GQA row: 8 kv heads), D=128, bf16; medians "
              "of `triton.testing.do_bench`, ms; `python bench/hopper_forward.py`.", "",
@@ -91,7 +87,7 @@ def main():
         ran = "" if r["hopper_ran"] else " (Hopper kernel did not run)"
         lines.append(f"| {r['name']} | {r['seq']} | {r['triton_ms']:.3f} | {r['hopper_ms']:.3f}{ran} | "
                      f"{r['hopper_per_tile_ms']:.3f} | {r['speedup']:.2f}x | {tf} | {r['rel_diff']:.1e} |")
-    write_markdown(os.path.join(args.out, f"hopper_forward_{tag}.md"), lines)
+    write_markdown(base + ".md", lines)
 
 
 if __name__ == "__main__":
