@@ -62,7 +62,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from . import hopper_fwd as _fwd
 from .hopper_fwd import (_half_entry, _invalidate_barriers, _keeps_part, _masked_half, _partition_barrier,
                          _query_barriers, _ring_barriers, _store_through_smem, _work_item, _ws_load, hopper_runnable,
-                         launch_or_fall_back, row_descriptors, row_keys)
+                         item_grid, launch_or_fall_back, row_descriptors, row_keys)
 from .kernels import _LOG2E
 from .rows import lse_strides, qkv_strides
 
@@ -281,8 +281,7 @@ def hopper_dq(plan, tiles: HopperDqTiles, q, k, v, out, dout, dq, lse, dlse, del
     (q_desc, do_desc, q_rows_b), (k_desc, v_desc, kv_rows_b), (dq_desc, dq_rows_b) = rows
     meta, residues = plan.metadata(tiles.block_m)
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
-    items = meta.num_tiles * plan.num_heads * plan.batch
-    grid = min(items, _fwd._sm_count(plan.device.index)) if tiles.persistent else items
+    items, grid = item_grid(plan, meta.num_tiles, tiles.persistent)
     return launch_or_fall_back(
         s2_dq_hopper_kernel, (grid, ), _broken, "dQ",
         q_desc, do_desc, k_desc, v_desc, out, dq, dq_desc, lse, dlse if dlse is not None else delta, delta, cu,

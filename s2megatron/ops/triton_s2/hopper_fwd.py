@@ -607,6 +607,13 @@ def row_descriptors(xs, plan, block_rows: int):
     return (*(_descriptor(x, view, block_rows, plan.head_dim) for x, view in zip(xs, views)), views[0][2])
 
 
+def item_grid(plan, num_tiles: int, persistent: bool) -> tuple[int, int]:
+    """(work items, CTAs) of the forward's and the dQ's grids: an item per query tile, head and batch entry; one CTA
+    per SM taking items in turn where ``persistent`` (the shared memory holds one CTA per SM), else one per item."""
+    items = num_tiles * plan.num_heads * plan.batch
+    return items, min(items, _sm_count(plan.device.index)) if persistent else items
+
+
 def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) -> bool:
     """Launch the kernel into ``out`` and ``lse``; False (nothing launched) where a tensor has no TMA row view
     (:func:`rows.row_view`: strides, alignment) or K and V lay out their batch entries differently."""
@@ -618,8 +625,7 @@ def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) ->
     meta, residues = plan.metadata(tiles.block_m)
     (_, _, sqh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, k, v))
     sob, sos, soh = qkv_strides(out, plan.varlen)
-    items = meta.num_tiles * plan.num_heads * plan.batch
-    grid = min(items, _sm_count(plan.device.index)) if tiles.persistent else items  # one CTA per SM (smem)
+    items, grid = item_grid(plan, meta.num_tiles, tiles.persistent)
     return launch_or_fall_back(
         s2_fwd_hopper_kernel, (grid, ), _broken, "forward",
         q_desc, k_desc, v_desc, out, lse, cu, meta.head_to_pattern, residues, sqh, skh, svh, sob, sos, soh,
