@@ -1,9 +1,14 @@
-"""A stand-in for the op's call plan with only the fields the Hopper kernels' policies and launchers read, and the
-scope checks the policies share, for their tests without a GPU (tests/test_hopper_fwd.py, test_hopper_dq.py,
-test_hopper_bwd.py)."""
+"""A stand-in for the op's call plan with only the fields the Hopper kernels' policies and launchers read, the
+scope checks the policies share and the compile budget the kernels share, for their tests without a GPU
+(tests/test_hopper_fwd.py, test_hopper_dq.py, test_hopper_bwd.py)."""
 import types
 
 import torch
+
+from triton_interpret import compiled_in_fresh_process
+
+# (head dim, layout block) at which the budget tests compile each Hopper kernel
+BUDGET_SHAPES = ((128, 64), (64, 64), (128, 128))
 
 
 def plan_stub(**fields):
@@ -42,3 +47,21 @@ def check_policy_scope(policy, plan, env, declined, monkeypatch, hopper_fwd):
     monkeypatch.delenv(env)
     monkeypatch.setattr(hopper_fwd, "_is_sm90", lambda index: False)
     assert policy(plan(), q) is None
+
+
+def check_sm90_budget(kernel: str, maxnreg: int, max_spill_store: int, max_spill_load: int) -> list:
+    """``kernel_resources.compile_hopper_<kernel>`` at each of ``BUDGET_SHAPES``, in a fresh process (the interpreter
+    the CPU tests run under replaces the jit helpers a kernel calls): what every Hopper kernel must keep to, 12 warps
+    (4 + 4 consumers, 1 producer rounded up to a warpgroup), at most ``maxnreg`` registers (the launch limit), at
+    most the given spill bytes and none inside the tensor-core loops, shared memory within the 227 KB a CTA may use.
+    Returns the rows, one per shape, for the kernel's own checks."""
+    rows = compiled_in_fresh_process(
+        "import json, kernel_resources\n"
+        f"print(json.dumps([kernel_resources.compile_hopper_{kernel}(d, b) for d, b in {BUDGET_SHAPES!r}]))")
+    for row in rows:
+        assert row["warps"] == 12, row
+        assert row["registers"] <= maxnreg, row
+        assert row["spill_store_bytes"] <= max_spill_store and row["spill_load_bytes"] <= max_spill_load, row
+        assert row["loop_local_memory"] == 0, row
+        assert row["shared_bytes"] <= 227 * 1024, row
+    return rows

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import check_policy_scope, l16v16_plan  # noqa: E402
-from triton_interpret import InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
+from hopper_plans import check_policy_scope, check_sm90_budget, l16v16_plan  # noqa: E402
+from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
 
@@ -96,13 +96,6 @@ def test_op_takes_the_triton_dq_where_the_hopper_dq_declines(monkeypatch):
         assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
-_COMPILE = """
-import json
-import kernel_resources
-print(json.dumps([kernel_resources.compile_hopper_dq(d, b) for d, b in ((128, 64), (64, 64), (128, 128))]))
-"""
-
-
 def test_compiles_for_sm90_within_its_budget():
     """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
     consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, shared memory within the 227 KB
@@ -110,13 +103,7 @@ def test_compiles_for_sm90_within_its_budget():
     walk's state at head dim 128 since the epilogue has two ways out: a TMA copy of whole tiles, 16-byte stores of
     the rows of a tile at the sequence's end). In a fresh process: the interpreter that these tests run under
     (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""
-    rows = compiled_in_fresh_process(_COMPILE)
-    for row in rows:
-        assert row["warps"] == 12, row
-        assert row["registers"] <= hopper_dq.HopperDqTiles().maxnreg, row
-        assert row["spill_store_bytes"] <= 128 and row["spill_load_bytes"] <= 128, row
-        assert row["loop_local_memory"] == 0, row
-        assert row["shared_bytes"] <= 227 * 1024, row
+    check_sm90_budget("dq", hopper_dq.HopperDqTiles().maxnreg, 128, 128)
 
 
 _ENV.restore()  # last line: the interpreter only while this module imports and runs

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import check_policy_scope, l16v16_plan  # noqa: E402
+from hopper_plans import check_policy_scope, check_sm90_budget, l16v16_plan  # noqa: E402
 from triton_interpret import InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -93,13 +93,6 @@ def test_op_takes_the_triton_forward_where_the_hopper_forward_declines(monkeypat
     assert calls == [1] and torch.isfinite(out).all()
 
 
-_COMPILE = """
-import json
-import kernel_resources
-print(json.dumps([kernel_resources.compile_hopper_forward(d, b) for d, b in ((128, 64), (64, 64), (128, 128))]))
-"""
-
-
 _SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   STL [R1], R2 ;
@@ -155,13 +148,7 @@ def test_compiles_for_sm90_within_its_budget():
     may use, and no spill inside the key-tile loops. At head dim 128 / block 64 ptxas keeps a few kernel arguments
     (28 bytes) in local memory and reloads them once per query tile; nothing else spills. In a fresh process: the
     interpreter that these tests run under (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""
-    rows = compiled_in_fresh_process(_COMPILE)
-    for row in rows:
-        assert row["warps"] == 12, row
-        assert row["registers"] <= hopper_fwd.hopper_tiles().maxnreg, row
-        assert row["loop_local_memory"] == 0, row
-        assert row["spill_store_bytes"] <= 32 and row["spill_load_bytes"] <= 64, row
-        assert row["shared_bytes"] <= 227 * 1024, row
+    rows = check_sm90_budget("forward", hopper_fwd.hopper_tiles().maxnreg, 32, 64)
     assert rows[1]["spill_store_bytes"] == 0 and rows[2]["spill_store_bytes"] == 0, rows
 
 
