@@ -35,7 +35,8 @@ except ImportError:  # a Triton without Gluon: no Hopper kernels
     hopper_fwd = hopper_bwd = hopper_dq = None
 
 FP32_PTRS = {"LSE", "DELTA", "DLSE"}
-INT_PTRS = {"CU_SEQLENS", "HEAD_TO_PAT", "ROW_PTR", "ROW_COLS", "ROW_LAST", "RESIDUES", "COL_PTR", "COL_ROWS"}
+INT_PTRS = {"CU_SEQLENS", "HEAD_TO_PAT", "ROW_PTR", "ROW_COLS", "ROW_LAST", "RESIDUES", "COL_PTR", "COL_ROWS",
+            "ORDER"}
 FLOATS = {"qk_scale", "sm_scale"}
 SMEM_PER_SM_KB = {80: 164, 86: 100, 87: 164, 89: 100, 90: 228, 100: 228, 103: 228, 120: 100}  # per SM, for CTAs
 
@@ -187,11 +188,12 @@ def compile_hopper_dkdv(head_dim: int, block: int, tiles=None) -> dict:
                                head_dim, tiles.maxnreg)
 
 
-def compile_hopper_dq(head_dim: int, block: int, tiles=None) -> dict:
-    """The warp-specialised Hopper dQ (``hopper_dq``), compiled for sm_90a as launched (bf16, 12 warps)."""
+def compile_hopper_dq(head_dim: int, block: int, tiles=None, ordered: bool = True) -> dict:
+    """The warp-specialised Hopper dQ (``hopper_dq``), compiled for sm_90a as launched (bf16, 12 warps; ``ordered``:
+    the persistent grid's turn order, ``hopper_fwd.balanced_order``)."""
     tiles = tiles or hopper_dq.HopperDqTiles()
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
-                      VARLEN=False, HAS_DLSE=False, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
+                      VARLEN=False, HAS_DLSE=False, ORDERED=ordered, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
     return _compile_gluon_sm90(hopper_dq.s2_dq_hopper_kernel, constexprs,
                                lambda name: 64 if name in ("Q_DESC", "DO_DESC", "DQ_DESC")
                                else min(block, tiles.block_n),

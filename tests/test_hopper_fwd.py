@@ -61,6 +61,69 @@ def test_row_keys_is_the_last_rows_kept_keys(layout, kv_len, heads):
     assert hopper_fwd.row_keys(patterns, layout, kv_len) == pytest.approx(layout.block_size * sum(kept) / heads)
 
 
+@pytest.mark.parametrize("layout,q_len,kv_len,heads", [
+    (S2Layout(64, 16, 16), 8192, 8192, 32), (S2Layout(64, 16, 16), 5000, 32768 + 100, 8),
+    (S2Layout(128, 8, 8, num_dense_heads=2), 20000, 20000, 8), (S2Layout(64, 4, 3, num_dense_heads=1), 1000, 1000, 3),
+    (S2Layout(64, 1, 1), 4000, 4000, 4)])
+def test_walk_keys_are_each_query_tiles_kept_keys(layout, q_len, kv_len, heads):
+    """The scheduler's cost of a work item: the keys of its query tile's row list in the metadata (Merge-Q over the
+    128 rows of the Hopper kernels' tiles), per head, with a KV prefix and lengths that are not whole tiles."""
+    meta = get_metadata(layout, heads, q_len, kv_len, device="cpu", rows_per_tile=128 // layout.block_size)
+    patterns = layout.head_patterns(layout.resolve(heads))
+    keys = hopper_fwd.walk_keys(patterns, layout, meta.first_block, meta.num_tiles, meta.rows_per_tile, kv_len)
+    kept = (meta.row_ptr[:, 1:] - meta.row_ptr[:, :-1])[meta.head_to_pattern.long()]
+    assert keys.shape == (heads, meta.num_tiles)
+    assert torch.equal(keys, layout.block_size * kept.long())
+
+
+def _totals(order, costs, ctas):
+    """Work per CTA of a turn order (CTA p takes positions p, p + ctas, ...)."""
+    totals = torch.zeros(ctas, dtype=torch.int64)
+    totals.index_add_(0, torch.arange(costs.numel()) % ctas, costs[order.long()])
+    return totals
+
+
+def test_balanced_order_evens_out_the_ctas_work_round_by_round():
+    # two CTAs, items of cost 5 1 5 1: round robin gives them 10 and 2; here the second round's long item goes to
+    # the CTA that took the short one
+    order = hopper_fwd.balanced_order(torch.tensor([5, 1, 5, 1]), 2)
+    assert order.tolist() == [0, 1, 3, 2, 0, 0] and order.dtype == torch.int32
+    gen = torch.Generator().manual_seed(0)
+    for n, ctas in ((1000, 7), (2048, 132), (131, 132), (132 * 3, 132)):
+        costs = torch.randint(1, 100, (n, ), generator=gen)
+        order = hopper_fwd.balanced_order(costs, ctas)
+        assert order.numel() == n + ctas and not order[n:].any()  # padded for the load one turn ahead
+        order = order[:n].long()
+        assert torch.equal(torch.sort(order).values, torch.arange(n))
+        for k in range(0, n, ctas):  # each round holds the round robin's items of that round
+            assert torch.equal(torch.sort(order[k:k + ctas]).values, torch.arange(k, min(n, k + ctas)))
+        assert _totals(order, costs, ctas).max() <= _totals(torch.arange(n), costs, ctas).max()
+    # the forward's items at 8k (L16V16, 32 heads, 132 SMs): the most loaded CTA 5.6 % over the mean in round robin
+    layout = S2Layout(64, 16, 16)
+    meta = get_metadata(layout, 32, 8192, device="cpu", rows_per_tile=2)
+    keys = hopper_fwd.walk_keys(layout.head_patterns(layout.resolve(32)), layout, 0, meta.num_tiles, 2, 8192)
+    w = torch.arange(keys.numel())
+    costs = keys[w // meta.num_tiles, meta.num_tiles - 1 - w % meta.num_tiles] + hopper_fwd.ITEM_START_END_KEYS
+    spread = [(t.max() / t.float().mean()).item() for t in
+              (_totals(w, costs, 132), _totals(hopper_fwd.balanced_order(costs, 132)[:w.numel()], costs, 132))]
+    assert spread[0] > 1.05 and spread[1] < 1.035, spread
+
+
+def test_item_grid_orders_the_turns_of_persistent_grids_over_whole_sequences(monkeypatch):
+    monkeypatch.setattr(hopper_fwd, "_sm_count", lambda index: 132)
+    layout = S2Layout(64, 16, 16)
+    meta = types.SimpleNamespace(num_tiles=64, first_block=0, patterns=layout.head_patterns(layout.resolve(32)))
+    plan = _plan(device=torch.device("cpu"), kv_len=8192, batch=2, varlen=False)
+    items, grid, order = hopper_fwd.item_grid(plan, meta, True, True)
+    assert (items, grid, order.numel(), order.device.type) == (64 * 32 * 2, 132, 64 * 32 * 2 + 132, "cpu")
+    assert hopper_fwd.item_grid(plan, meta, True, False) == (items, 132, None)  # round robin
+    assert hopper_fwd.item_grid(plan, meta, False, True) == (items, items, None)  # one CTA per item
+    assert hopper_fwd.item_grid(_plan(device=torch.device("cpu"), kv_len=8192, batch=2, varlen=True), meta,
+                                True, True)[2] is None  # packed: the lengths are on the device
+    monkeypatch.setattr(hopper_fwd, "_sm_count", lambda index: 10 ** 4)
+    assert hopper_fwd.item_grid(plan, meta, True, True) == (items, items, None)  # no more items than CTAs
+
+
 def test_compile_failure_falls_back_to_the_triton_forward(sm90, monkeypatch):
     """A Triton whose Gluon cannot build the kernel: one warning, nothing launched, and no further attempts."""
     def failing_launch(*args, **kwargs):

@@ -3,8 +3,8 @@
 The Triton dQ kernel (``kernels.s2_bwd_dq_kernel``) runs one CTA of eight warps per SM (236-240 registers per
 thread), one per query tile: each CTA loads its tile, computes Delta and fills its pipeline while no other CTA on
 the SM computes, and its key tiles are pipelined by the compiler only. This kernel computes the same dQ on the
-Hopper forward's construction (``hopper_fwd``): work items are 128-row query tiles in the forward's order, one
-persistent CTA per SM takes them in turn, and inside a CTA
+Hopper forward's construction (``hopper_fwd``): work items are the forward's 128-row query tiles, one persistent
+CTA per SM takes them in turns, and inside a CTA
 
 - a producer warp (the forward's, ``hopper_fwd._ws_load``, given dO beside Q) issues the TMA copies: the first key
   tile of the row walk, the two 64-row halves of the query tile and of dO, then the other K/V tiles into a ring of
@@ -44,6 +44,17 @@ slower; one CTA per query tile instead of the persistent grid 1.05x slower at 8k
 (``bench/results/logs/hopper_dq_variants_H100.log``). Its launch costs about 36 us more host time than the Triton
 dQ's (``logs/hopper_dq_host_H100.log``), which shows only where a call is host bound (one 2k call of 32 heads).
 
+The turns are ``hopper_fwd.balanced_order``'s (the forward keeps round robin, CTA ``p`` taking items ``p, p + grid,
+...``): each round of the round robin's items goes out longest first to the CTAs with the least work so far, costed
+by the keys of each query tile's walk (``hopper_fwd.walk_keys``), and each CTA loads its next item from that order
+one turn ahead. Round robin left the most loaded CTA 5.7 / 4.3 / 2.2 % over the mean at 8k / 16k / 32k in that cost
+model, the balanced turns 3.4 / 0.6 / 0.2 %. In one process on one H100, against round robin and relative to the
+dK/dV kernel of the same step (that machine's clock moved every kernel by up to 8 % between rounds): the dQ kernel
+1 / 4 / 2 % faster at 8k / 16k / 32k, 2 % under GQA 32/8, 4.5 % at block 128, the same at 128k; the forward with the
+same turns 0-1.6 % faster without GQA and 2.5-3.6 % slower with it, so it keeps round robin
+(``bench/results/logs/hopper_item_order_ab_H100.log``). Packed sequences keep round robin (their lengths are on the
+device).
+
 Scope (:func:`hopper_dq_tiles`): that of the Hopper forward (an S2Layout of block 64 or 128, head dim 64 or 128,
 bf16/fp16, an sm_90 GPU, TMA-readable tensors) at every length; everything else takes the Triton dQ kernel, as does
 every call once this one failed to compile (Gluon is experimental), with one warning.
@@ -60,9 +71,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from . import hopper_fwd as _fwd
-from .hopper_fwd import (_half_entry, _invalidate_barriers, _keeps_part, _masked_half, _partition_barrier,
-                         _query_barriers, _ring_barriers, _store_through_smem, _work_item, _ws_load, hopper_runnable,
-                         item_grid, launch_or_fall_back, row_descriptors, row_keys)
+from .hopper_fwd import (_first_turn, _half_entry, _invalidate_barriers, _keeps_part, _masked_half, _next_turn,
+                         _partition_barrier, _query_barriers, _ring_barriers, _store_through_smem, _work_item, _ws_load,
+                         hopper_runnable, item_grid, launch_or_fall_back, row_descriptors, row_keys)
 from .kernels import _LOG2E
 from .rows import lse_strides, qkv_strides
 
@@ -121,11 +132,11 @@ def _row_delta(o_ptrs, do, ok, dlse_ptrs, HAS_DLSE: gl.constexpr):
 
 @gluon.jit
 def _dq_consume(wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, dq_smem, ready, empty, q_bar, q_free, O, DQ,
-                DQ_DESC, dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os,
+                DQ_DESC, dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, ORDER, stride_ob, stride_os,
                 stride_oh, stride_dqs, stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items,
                 num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
-                ROWS: gl.constexpr, VARLEN: gl.constexpr, HAS_DLSE: gl.constexpr):
+                ROWS: gl.constexpr, VARLEN: gl.constexpr, HAS_DLSE: gl.constexpr, ORDERED: gl.constexpr):
     """Consumer warpgroup ``wg``: rows ``64 wg .. 64 wg + 63`` of each query tile of the CTA, every key tile of its
     walk. ``it`` counts the ring's key tiles and ``j`` the query tiles over the CTA's work items."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -140,7 +151,9 @@ def _dq_consume(wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, dq_smem, read
     do = do_smem.index(wg)
     it = 0
     j = 0
-    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+    nxt = _first_turn(ORDER, ORDERED)
+    for i in range(gl.program_id(0), num_items, gl.num_programs(0)):
+        w, nxt = _next_turn(ORDER, i, nxt, ORDERED)
         (valid, b, h, kvh, tile_pos0, seq_start, kv_end, past, n_ent, n_in_e, n_in, n_all, w0, w1, w2, w3, width, m1,
          mid_start, kv_row0, q_row0) = _work_item(w, RESIDUES, HEAD_TO_PAT, CU_SEQLENS, q_len, kv_len, num_tiles,
                                                   num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
@@ -200,18 +213,19 @@ def _dq_consume(wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, dq_smem, read
 
 @gluon.jit
 def s2_dq_hopper_kernel(
-    Q_DESC, DO_DESC, K_DESC, V_DESC, O, DQ, DQ_DESC, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
+    Q_DESC, DO_DESC, K_DESC, V_DESC, O, DQ, DQ_DESC, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, ORDER,
     stride_qh, stride_doh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     sm_scale, qk_scale, q_len, kv_len, num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride,
     q_rows_b, kv_rows_b, dq_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
-    STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_DLSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    num_warps: gl.constexpr,
+    STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_DLSE: gl.constexpr, ORDERED: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Warp-specialised dQ: a producer warp streams Q, dO and the K/V ring with TMA, two consumer warpgroups (64
     query rows each) compute Delta, the products and dS; a CTA takes the work items (query tile, head, batch entry)
-    ``program_id, program_id + grid, ...`` as the forward does."""
+    at positions ``program_id, program_id + grid, ...`` of ``ORDER`` (where ``ORDERED``: the turns of
+    ``hopper_fwd.balanced_order``), else those items themselves, as the forward does."""
     ROWS: gl.constexpr = BLOCK_M // BS
     gl.static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows")
     gl.static_assert(BLOCK_N == 64, "64-key tiles (S, dP and dQ in registers)")
@@ -226,19 +240,19 @@ def s2_dq_hopper_kernel(
     q_bar, q_free = _query_barriers()
     gl.warp_specialize([
         (_dq_consume, (0, q_smem, do_smem, k_smem, v_smem, dq_smem, ready, empty, q_bar, q_free, O, DQ, DQ_DESC,
-                       dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh,
-                       stride_dqs, stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items,
-                       num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
-                       HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN, HAS_DLSE)),
+                       dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, ORDER, stride_ob, stride_os,
+                       stride_oh, stride_dqs, stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len,
+                       num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+                       kv_rows_b, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN, HAS_DLSE, ORDERED)),
         (_dq_consume, (1, q_smem, do_smem, k_smem, v_smem, dq_smem, ready, empty, q_bar, q_free, O, DQ, DQ_DESC,
-                       dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_ob, stride_os, stride_oh,
-                       stride_dqs, stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len, num_items,
-                       num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
-                       HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN, HAS_DLSE)),
+                       dq_rows_b, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, ORDER, stride_ob, stride_os,
+                       stride_oh, stride_dqs, stride_dqh, stride_lb, stride_lh, sm_scale, qk_scale, q_len, kv_len,
+                       num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+                       kv_rows_b, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN, HAS_DLSE, ORDERED)),
         (_ws_load, (Q_DESC, DO_DESC, K_DESC, V_DESC, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free,
-                    CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_qh, stride_doh, stride_kh, stride_vh, q_len, kv_len,
-                    num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
-                    kv_rows_b, BS, ROWS, BLOCK_N, STAGES, VARLEN)),
+                    CU_SEQLENS, HEAD_TO_PAT, RESIDUES, ORDER, stride_qh, stride_doh, stride_kh, stride_vh, q_len,
+                    kv_len, num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
+                    kv_rows_b, BS, ROWS, BLOCK_N, STAGES, VARLEN, ORDERED)),
     ], [4, 1], [CONSUMER_REGS, 24])
     _invalidate_barriers(ready, empty, q_bar, q_free, STAGES)
 
@@ -253,6 +267,9 @@ class HopperDqTiles:
     persistent: bool = True   # one CTA per SM taking work items in turn; else one CTA per work item
 
 
+# the persistent grid takes its work items in hopper_fwd.balanced_order's turns (False: round robin): 1-4.5 % less dQ
+# time at 8k-32k, GQA and block 128 on an H100, none at 128k (module docstring)
+BALANCED_ORDER = True
 _broken: list = []  # the compile error, once the kernel failed to build in this process
 
 
@@ -281,13 +298,14 @@ def hopper_dq(plan, tiles: HopperDqTiles, q, k, v, out, dout, dq, lse, dlse, del
     (q_desc, do_desc, q_rows_b), (k_desc, v_desc, kv_rows_b), (dq_desc, dq_rows_b) = rows
     meta, residues = plan.metadata(tiles.block_m)
     (_, _, sqh), (_, _, sdoh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, dout, k, v))
-    items, grid = item_grid(plan, meta.num_tiles, tiles.persistent)
+    items, grid, order = item_grid(plan, meta, tiles.persistent, BALANCED_ORDER)
     return launch_or_fall_back(
         s2_dq_hopper_kernel, (grid, ), _broken, "dQ",
         q_desc, do_desc, k_desc, v_desc, out, dq, dq_desc, lse, dlse if dlse is not None else delta, delta, cu,
-        meta.head_to_pattern, residues, sqh, sdoh, skh, svh, *qkv_strides(out, plan.varlen),
-        *qkv_strides(dq, plan.varlen)[1:], *lse_strides(lse, plan.varlen), sm_scale, qk_scale, plan.q_len, plan.kv_len,
-        items, meta.num_tiles, plan.num_heads, meta.first_block, plan.group, plan.local_blocks, plan.vert_stride,
-        q_rows_b, kv_rows_b, dq_rows_b, HEAD_DIM=plan.head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BS=plan.block_size, STAGES=tiles.stages, VARLEN=plan.varlen, HAS_DLSE=dlse is not None,
-        CONSUMER_REGS=tiles.consumer_regs, num_warps=4, maxnreg=tiles.maxnreg)
+        meta.head_to_pattern, residues, order if order is not None else residues, sqh, sdoh, skh, svh,
+        *qkv_strides(out, plan.varlen), *qkv_strides(dq, plan.varlen)[1:], *lse_strides(lse, plan.varlen), sm_scale,
+        qk_scale, plan.q_len, plan.kv_len, items, meta.num_tiles, plan.num_heads, meta.first_block, plan.group,
+        plan.local_blocks, plan.vert_stride, q_rows_b, kv_rows_b, dq_rows_b, HEAD_DIM=plan.head_dim,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=plan.block_size, STAGES=tiles.stages, VARLEN=plan.varlen,
+        HAS_DLSE=dlse is not None, ORDERED=order is not None, CONSUMER_REGS=tiles.consumer_regs, num_warps=4,
+        maxnreg=tiles.maxnreg)

@@ -28,6 +28,8 @@ the head's whole K/V prefix, and there the persistent grid measured slower (its 
 while the hardware starts CTAs in order; the cause was not profiled). A counter-based (dynamic) persistent schedule
 measured slower for S2 rows and equal for dense ones, and was not kept. Orders that balance the CTAs' items better
 (heads fastest, or every other round reversed) measured slower too: they spread the items in flight over more K/V.
+The dQ's turns (:func:`balanced_order`, the same items in flight) measured no faster here: 0-1.6 % less time
+without GQA, 2.5-3.6 % more with GQA 32/8.
 
 The row walk and masks are the Triton forward's, from the same helpers (``_row_walk``, ``_fast_split``): the
 interior blocks of the S2 row walk (stripes, then the local blocks every row keeps) unmasked, then the first local
@@ -232,6 +234,25 @@ def _half_step(t, g: gl.constexpr, wg: gl.constexpr, slot, acc, m_i, l_i, q, k_s
 
 
 @gluon.jit
+def _first_turn(ORDER, ORDERED: gl.constexpr):
+    """The CTA's first work item: ``ORDER[program_id]`` (:func:`balanced_order`), else ``program_id``."""
+    if ORDERED:
+        return gl.load(ORDER + gl.program_id(0))
+    else:
+        return gl.program_id(0)
+
+
+@gluon.jit
+def _next_turn(ORDER, i, nxt, ORDERED: gl.constexpr):
+    """(work item of the CTA's turn at position ``i``, the item of its next turn): ``i`` itself, else ``nxt``, the
+    entry of ``ORDER`` loaded one turn ahead, so the item's start does not wait for the load."""
+    if ORDERED:
+        return nxt, gl.load(ORDER + i + gl.num_programs(0))
+    else:
+        return i, nxt
+
+
+@gluon.jit
 def _work_item(w, RESIDUES, HEAD_TO_PAT, CU_SEQLENS, q_len, kv_len, num_tiles, num_heads, first_block, group,
                local_blocks, vert_stride, q_rows_b, kv_rows_b,
                BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):
@@ -348,17 +369,19 @@ def _issue_query_rows(Q_DESC, DO_DESC, q_smem, do_smem, q_bar, q_row0, h, stride
 
 @gluon.jit
 def _ws_load(Q_DESC, DO_DESC, K_DESC, V_DESC, q_smem, do_smem, k_smem, v_smem, ready, empty, q_bar, q_free,
-             CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_qh, stride_doh, stride_kh, stride_vh, q_len, kv_len, num_items,
-             num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
+             CU_SEQLENS, HEAD_TO_PAT, RESIDUES, ORDER, stride_qh, stride_doh, stride_kh, stride_vh, q_len, kv_len,
+             num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b, kv_rows_b,
              BS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             VARLEN: gl.constexpr):
+             VARLEN: gl.constexpr, ORDERED: gl.constexpr):
     """Producer warp, per query tile of the CTA: the first key tile of the walk into the ring, both 64-row halves of
     the query tile (and of dO for the dQ kernel, ``hopper_dq``; None here) once the consumers are done with the
     previous one (``q_free``), then the other key tiles, each once both consumers have released its slot (``empty``;
     a fresh barrier passes the first wait)."""
     it = 0
     j = 0
-    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+    nxt = _first_turn(ORDER, ORDERED)
+    for i in range(gl.program_id(0), num_items, gl.num_programs(0)):
+        w, nxt = _next_turn(ORDER, i, nxt, ORDERED)
         (valid, b, h, kvh, tile_pos0, seq_start, kv_end, past, n_ent, n_in_e, n_in, n_all, w0, w1, w2, w3, width, m1,
          mid_start, kv_row0, q_row0) = _work_item(w, RESIDUES, HEAD_TO_PAT, CU_SEQLENS, q_len, kv_len, num_tiles,
                                                   num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
@@ -478,9 +501,9 @@ def s2_fwd_hopper_kernel(
                        num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
                        kv_rows_b, HEAD_DIM, BLOCK_N, STAGES, BS, ROWS, VARLEN)),
         (_ws_load, (Q_DESC, None, K_DESC, V_DESC, q_smem, None, k_smem, v_smem, ready, empty, q_bar, q_free,
-                    CU_SEQLENS, HEAD_TO_PAT, RESIDUES, stride_qh, None, stride_kh, stride_vh, q_len, kv_len,
+                    CU_SEQLENS, HEAD_TO_PAT, RESIDUES, None, stride_qh, None, stride_kh, stride_vh, q_len, kv_len,
                     num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
-                    kv_rows_b, BS, ROWS, BLOCK_N, STAGES, VARLEN)),
+                    kv_rows_b, BS, ROWS, BLOCK_N, STAGES, VARLEN, False)),
     ], [4, 1], [CONSUMER_REGS, 24])
     _invalidate_barriers(ready, empty, q_bar, q_free, STAGES)
 
@@ -607,11 +630,75 @@ def row_descriptors(xs, plan, block_rows: int):
     return (*(_descriptor(x, view, block_rows, plan.head_dim) for x, view in zip(xs, views)), views[0][2])
 
 
-def item_grid(plan, num_tiles: int, persistent: bool) -> tuple[int, int]:
-    """(work items, CTAs) of the forward's and the dQ's grids: an item per query tile, head and batch entry; one CTA
-    per SM taking items in turn where ``persistent`` (the shared memory holds one CTA per SM), else one per item."""
-    items = num_tiles * plan.num_heads * plan.batch
-    return items, min(items, _sm_count(plan.device.index)) if persistent else items
+# a work item's start and end (the first product and softmax before its pipeline fills, the masked key tiles, the
+# epilogue) cost about as much as this many keys of its pipelined walk: three 128-key tiles
+ITEM_START_END_KEYS = 384
+
+
+def walk_keys(patterns, layout, first_block: int, num_tiles: int, rows: int, kv_len: int) -> torch.Tensor:
+    """Keys of the row walk of each query tile of ``rows`` layout rows, per head (``[heads, num_tiles]``, int64, on
+    the CPU; ``patterns``: the layout's StridePatterns for the call's heads): the walk ``kernels._row_walk``
+    computes, the stripes below the tile's local range and the local range ``[max(0, i0 - L + 1), i1]``, every
+    block up to ``i1`` for a dense head."""
+    bs, vs = layout.block_size, layout.vert_stride
+    r = torch.tensor([patterns.residues[p] for p in patterns.head_to_pattern], dtype=torch.int64)[:, None]
+    i0 = first_block + rows * torch.arange(num_tiles, dtype=torch.int64)[None, :]
+    i1 = torch.clamp(i0 + rows - 1, max=(kv_len - 1) // bs)
+    dense = r < 0
+    start = torch.where(dense, 0, torch.clamp(i0 - layout.local_blocks + 1, min=0))
+    stripes = torch.where(dense | (start <= r), 0, torch.div(start - 1 - r, vs, rounding_mode="floor") + 1)
+    return bs * torch.clamp(stripes + i1 - start + 1, min=0)
+
+
+def balanced_order(costs: torch.Tensor, ctas: int) -> torch.Tensor:
+    """The turn order of ``ctas`` persistent CTAs over work items of the given ``costs`` (CTA ``p`` takes the items
+    at positions ``p, p + ctas, ...``). Round robin gives round ``k`` (positions ``k ctas .. k ctas + ctas - 1``) the
+    items with those numbers, one each, whatever their lengths; here a round's items go out longest first to the
+    CTAs with the least work so far (ties by number), and the CTAs are then numbered so that those with an item in
+    the last, partial round come first. The items in flight at one time are still one round of the default order
+    (and its K/V in L2), and the CTAs' totals even out. Returns int32 item numbers by position, followed by
+    ``ctas`` zeros (each CTA loads its next item one turn ahead)."""
+    n = costs.numel()
+    rounds = -(-n // ctas)
+    load = torch.zeros(ctas, dtype=torch.int64)
+    turns = torch.full((rounds, ctas), -1, dtype=torch.int64)
+    for k in range(rounds):
+        items = torch.arange(k * ctas, min(n, (k + 1) * ctas))
+        items = items[torch.sort(costs[items], descending=True, stable=True).indices]
+        least = torch.sort(load, stable=True).indices[:items.numel()]
+        turns[k, least] = items
+        load[least] += costs[items]
+    last = turns[-1] >= 0
+    numbering = torch.cat([torch.nonzero(last).flatten(), torch.nonzero(~last).flatten()])
+    order = turns[:, numbering].flatten()[:n]
+    return torch.cat([order, torch.zeros(ctas, dtype=torch.int64)]).to(torch.int32)
+
+
+@lru_cache(maxsize=64)
+def _turn_order(patterns, layout, first_block: int, num_tiles: int, rows: int, kv_len: int, batch: int, ctas: int,
+                device) -> torch.Tensor:
+    """:func:`balanced_order` of a call's work items (the order of ``_work_item``: a head's query tiles from the
+    last, then the next head, then the next batch entry), costed by :func:`walk_keys`; on ``device``, cached."""
+    keys = walk_keys(patterns, layout, first_block, num_tiles, rows, kv_len)
+    w = torch.arange(num_tiles * keys.shape[0] * batch)
+    costs = keys[(w // num_tiles) % keys.shape[0], num_tiles - 1 - w % num_tiles] + ITEM_START_END_KEYS
+    return balanced_order(costs, ctas).to(device)
+
+
+def item_grid(plan, meta, persistent: bool, balanced: bool) -> tuple[int, int, Optional[torch.Tensor]]:
+    """(work items, CTAs, turn order) of the forward's and the dQ's grids: an item per query tile, head and batch
+    entry; one CTA per SM taking items in turn where ``persistent`` (the shared memory holds one CTA per SM), else
+    one per item. The turn order is :func:`balanced_order`'s where ``balanced``, else None (round robin), and None
+    too without persistent CTAs, where there are no more items than CTAs, and for packed sequences (their lengths
+    are on the device)."""
+    items = meta.num_tiles * plan.num_heads * plan.batch
+    if not persistent:
+        return items, items, None
+    grid = min(items, _sm_count(plan.device.index))
+    if not balanced or plan.varlen or grid == items:
+        return items, grid, None
+    return items, grid, _turn_order(meta.patterns, plan.layout, meta.first_block, meta.num_tiles,
+                                    HopperTiles.block_m // plan.block_size, plan.kv_len, plan.batch, grid, plan.device)
 
 
 def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) -> bool:
@@ -625,7 +712,9 @@ def hopper_forward(plan, tiles: HopperTiles, q, k, v, out, lse, cu, qk_scale) ->
     meta, residues = plan.metadata(tiles.block_m)
     (_, _, sqh), (_, _, skh), (_, _, svh) = (qkv_strides(x, plan.varlen) for x in (q, k, v))
     sob, sos, soh = qkv_strides(out, plan.varlen)
-    items, grid = item_grid(plan, meta.num_tiles, tiles.persistent)
+    # round robin: the balanced turns measured no faster for this kernel (0-1.6 % less time without GQA, 2.5-3.6 % more
+    # with GQA 32/8 on an H100; the dQ takes them: hopper_dq's docstring)
+    items, grid, _ = item_grid(plan, meta, tiles.persistent, balanced=False)
     return launch_or_fall_back(
         s2_fwd_hopper_kernel, (grid, ), _broken, "forward",
         q_desc, k_desc, v_desc, out, lse, cu, meta.head_to_pattern, residues, sqh, skh, svh, sob, sos, soh,
