@@ -98,12 +98,11 @@ def test_balanced_order_evens_out_the_ctas_work_round_by_round():
         for k in range(0, n, ctas):  # each round holds the round robin's items of that round
             assert torch.equal(torch.sort(order[k:k + ctas]).values, torch.arange(k, min(n, k + ctas)))
         assert _totals(order, costs, ctas).max() <= _totals(torch.arange(n), costs, ctas).max()
-    # the forward's items at 8k (L16V16, 32 heads, 132 SMs): the most loaded CTA 5.6 % over the mean in round robin
+    # the work items at 8k (L16V16, 32 heads, 132 SMs): the most loaded CTA 5.7 % over the mean in round robin, 3.4 %
+    # in balanced turns
     layout = S2Layout(64, 16, 16)
-    meta = get_metadata(layout, 32, 8192, device="cpu", rows_per_tile=2)
-    keys = hopper_fwd.walk_keys(layout.head_patterns(layout.resolve(32)), layout, 0, meta.num_tiles, 2, 8192)
-    w = torch.arange(keys.numel())
-    costs = keys[w // meta.num_tiles, meta.num_tiles - 1 - w % meta.num_tiles] + hopper_fwd.ITEM_START_END_KEYS
+    costs = hopper_fwd.item_costs(layout.head_patterns(layout.resolve(32)), layout, 0, 64, 2, 8192, 1)
+    w = torch.arange(costs.numel())
     spread = [(t.max() / t.float().mean()).item() for t in
               (_totals(w, costs, 132), _totals(hopper_fwd.balanced_order(costs, 132)[:w.numel()], costs, 132))]
     assert spread[0] > 1.05 and spread[1] < 1.035, spread

@@ -674,14 +674,20 @@ def balanced_order(costs: torch.Tensor, ctas: int) -> torch.Tensor:
     return torch.cat([order, torch.zeros(ctas, dtype=torch.int64)]).to(torch.int32)
 
 
+def item_costs(patterns, layout, first_block: int, num_tiles: int, rows: int, kv_len: int, batch: int) -> torch.Tensor:
+    """The cost of each of a call's work items, in the order of ``_work_item`` (a head's query tiles from the last,
+    then the next head, then the next batch entry): its walk's keys (:func:`walk_keys`) and its start and end
+    (``ITEM_START_END_KEYS``)."""
+    keys = walk_keys(patterns, layout, first_block, num_tiles, rows, kv_len)
+    w = torch.arange(num_tiles * keys.shape[0] * batch)
+    return keys[(w // num_tiles) % keys.shape[0], num_tiles - 1 - w % num_tiles] + ITEM_START_END_KEYS
+
+
 @lru_cache(maxsize=64)
 def _turn_order(patterns, layout, first_block: int, num_tiles: int, rows: int, kv_len: int, batch: int, ctas: int,
                 device) -> torch.Tensor:
-    """:func:`balanced_order` of a call's work items (the order of ``_work_item``: a head's query tiles from the
-    last, then the next head, then the next batch entry), costed by :func:`walk_keys`; on ``device``, cached."""
-    keys = walk_keys(patterns, layout, first_block, num_tiles, rows, kv_len)
-    w = torch.arange(num_tiles * keys.shape[0] * batch)
-    costs = keys[(w // num_tiles) % keys.shape[0], num_tiles - 1 - w % num_tiles] + ITEM_START_END_KEYS
+    """:func:`balanced_order` of a call's work items (:func:`item_costs`), on ``device``; cached per call shape."""
+    costs = item_costs(patterns, layout, first_block, num_tiles, rows, kv_len, batch)
     return balanced_order(costs, ctas).to(device)
 
 
