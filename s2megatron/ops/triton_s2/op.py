@@ -251,7 +251,7 @@ def _forward(q, k, v, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_
     return out, lse
 
 
-def _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, cu, sm_scale, common):
+def _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, cu, sm_scale):
     """The Triton dQ kernel, one program per query tile: dQ, and Delta for every query row."""
     cfg = plan.cfg
     k_desc, v_desc, kv_rows_b, dq_desc = _row_descriptors(plan.tma and cfg.dq_tma and plan.fast(cfg.dq_block_n),
@@ -265,10 +265,10 @@ def _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, c
         sm_scale, sm_scale * _kernels.LOG2E, plan.q_len, plan.kv_len, meta.num_tiles, meta.first_block,
         plan.group, plan.local_blocks, plan.vert_stride, kv_rows_b, BLOCK_M=cfg.block_m, BLOCK_N=cfg.dq_block_n,
         ANALYTIC=plan.analytic, DESC=dq_desc, HAS_DLSE=dlse is not None,
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, maxnreg=cfg.dq_maxnreg, **common)
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, maxnreg=cfg.dq_maxnreg, **plan.common())
 
 
-def _triton_dkdv(plan, meta, residues, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, common):
+def _triton_dkdv(plan, meta, residues, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale):
     """The Triton dK/dV kernel, one program per key tile and kv head: dK and dV from the Delta of the dQ kernel."""
     cfg = plan.cfg
     # interior query chunks exist where a key tile holds whole layout blocks of a KV-cache-efficient layout
@@ -285,16 +285,14 @@ def _triton_dkdv(plan, meta, residues, q, k, v, dout, dk, dv, lse, delta, cu, sm
         plan.num_kv_heads, plan.group, plan.local_blocks, plan.vert_stride, q_rows_b, BLOCK_M=cfg.dkdv_block_m,
         BLOCK_N=cfg.dkdv_block_n, RUN=plan.merge_q, ANALYTIC=plan.analytic, DESC=dkdv_desc,
         HEADS_FASTEST=plan.kv_len < cfg.dkdv_heads_fastest_below, num_warps=cfg.dkdv_warps,
-        num_stages=cfg.dkdv_stages, **common)
+        num_stages=cfg.dkdv_stages, **plan.common())
 
 
 def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seqlen, head_offset, total_heads,
               total_kv_heads):
     q, k, v, out, dout = (_last_dim_contiguous(x) for x in (q, k, v, out, dout))
     plan = _Plan(q, k, cu_seqlens, key, max_seqlen, head_offset, total_heads, total_kv_heads)
-    cfg = plan.cfg
-    meta, residues = plan.metadata(cfg.block_m)
-    common = plan.common()
+    meta, residues = plan.metadata(plan.cfg.block_m)
     cu = cu_seqlens if plan.varlen else meta.head_to_pattern
     delta = torch.empty_like(lse)
     if dlse is not None:
@@ -307,12 +305,12 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens, key, sm_scale, max_seql
         hopper_dq = _hopper_dq.hopper_dq_tiles(plan, q) if _hopper_dq is not None else None
         if hopper_dq is None or not _hopper_dq.hopper_dq(plan, hopper_dq, q, k, v, out, dout, dq, lse, dlse, delta, cu,
                                                           sm_scale, sm_scale * _kernels.LOG2E):
-            _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, cu, sm_scale, common)
+            _triton_dq(plan, meta, residues, q, k, v, out, dout, dq, lse, dlse, delta, cu, sm_scale)
         hopper = _hopper_bwd.hopper_dkdv_tiles(plan, q) if _hopper_bwd is not None else None
         if hopper is None or not _hopper_bwd.hopper_dkdv(
                 plan, hopper, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, sm_scale * _kernels.LOG2E,
                 meta.first_block, meta.head_to_pattern, residues):
-            _triton_dkdv(plan, meta, residues, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale, common)
+            _triton_dkdv(plan, meta, residues, q, k, v, dout, dk, dv, lse, delta, cu, sm_scale)
     return dq, dk, dv
 
 
