@@ -99,7 +99,7 @@ def test_op_takes_the_triton_dq_where_the_hopper_dq_declines(monkeypatch):
 def test_compiles_for_sm90_within_its_budget():
     """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
     consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, shared memory within the 227 KB
-    a CTA may use, and at most a few scalars spilled, none inside the key-tile loops (ptxas spills 40 bytes of the
+    a CTA may use, and at most a few scalars spilled, none inside the key-tile loops (ptxas spills 40-44 bytes of the
     walk's state at head dim 128 since the epilogue has two ways out: a TMA copy of whole tiles, 16-byte stores of
     the rows of a tile at the sequence's end). In a fresh process: the interpreter that these tests run under
     (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""

@@ -25,9 +25,10 @@ other. Query rows outside the sequence are neither given Delta nor stored.
 
 Key tiles are 64 keys: dQ's three products hold S, dP and the dQ accumulator in registers (64 x 128 fp32 each at
 128-key tiles: 192 of the 240 registers before the addresses), and the pipelined step keeps the next tile's S and dP
-in flight with the current dS. It compiles to 168 registers per thread at the launch limit; ptxas spills 40 bytes of
-the walk's state outside the key-tile loops since the epilogue has two ways out (the TMA copy of a whole tile, 16-byte
-stores of the rows of a tile at the sequence's end; either alone spills 4 bytes).
+in flight with the current dS. It compiles to 168 registers per thread at the launch limit; ptxas spills 40-44 bytes
+of the walk's state at head dim 128 (28 at 64) outside the key-tile loops, since the epilogue has two ways out (the
+TMA copy of a whole tile, 16-byte stores of the rows of a tile at the sequence's end; either alone spilled 4 bytes)
+and the next work item is loaded a turn ahead.
 
 The epilogue stored dQ from the MMA registers before, four bytes per instruction: under ncu's source counters the
 consumers then spent 3.4 % of all warp samples at 8k and 2.3 % at 32k stalled on a full store queue
