@@ -18,7 +18,9 @@ and V; a second block past the walk repeats the first, masked), or one 128-key b
 barrier round trips and the per-row reductions per key.
 
 Explicit turns for the two consumers' products (FA3's ping-pong) measured slower through mbarriers and no faster
-through named barriers, so the scheduler interleaves them freely (measurements: ``bench/results/attention_NOTES.md``).
+through named barriers, so the scheduler interleaves them freely; a query-barrier pair per consumer, so that one
+consumer may start its next query tile while the other finishes the last, measured no faster either, so the two share
+one pair (measurements: ``bench/results/attention_NOTES.md``).
 
 Grid: for S2 rows (under ``PERSISTENT_ROW_SHARE`` of the keys kept) one CTA per SM, each taking the work items
 ``program_id, program_id + grid, ...``; the ring and its barriers carry over, so the next query tile and its first
