@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -159,9 +160,13 @@ def _compile_gluon_sm90(fn, constexprs: dict, desc_rows, head_dim: int, maxnreg:
     sig, attrs = _signature(fn, constexprs, desc_type)
     compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4, "maxnreg": maxnreg})
-    out = ptxas_report(compiled.asm["ptx"], 90)
+    ptx = compiled.asm["ptx"]
+    out = ptxas_report(ptx, 90)
     out["shared_bytes"] = compiled.metadata.shared
     out["warps"] = compiled.metadata.num_warps
+    # the global stores by width, and the shared-memory round trips of layout conversions (ldmatrix)
+    out["global_stores"] = dict(sorted(Counter(re.findall(r"\bst\.global[\w.]*", ptx)).items()))
+    out["ldmatrix"] = len(re.findall(r"\bldmatrix\b", ptx))
     return out
 
 

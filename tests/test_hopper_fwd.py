@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import check_policy_scope, check_sm90_budget, l16v16_plan  # noqa: E402
+from hopper_plans import BUDGET_SHAPES, check_policy_scope, check_sm90_budget, l16v16_plan  # noqa: E402
 from triton_interpret import InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -207,11 +207,25 @@ def test_loop_local_memory_counts_spills_inside_the_key_tile_loops_only():
 def test_compiles_for_sm90_within_its_budget():
     """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
     consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, the ring within the 227 KB a CTA
-    may use, and no spill inside the key-tile loops. At head dim 128 / block 64 ptxas keeps a few kernel arguments
-    (28 bytes) in local memory and reloads them once per query tile; nothing else spills. In a fresh process: the
-    interpreter that these tests run under (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""
-    rows = check_sm90_budget("forward", hopper_fwd.hopper_tiles().maxnreg, 32, 64)
-    assert rows[1]["spill_store_bytes"] == 0 and rows[2]["spill_store_bytes"] == 0, rows
+    may use, and no spills. In a fresh process: the interpreter that these tests run under (TRITON_INTERPRET)
+    replaces the jit helpers the kernel calls."""
+    check_sm90_budget("forward", hopper_fwd.hopper_tiles().maxnreg, 0, 0)
+
+
+def test_output_rows_go_out_in_eight_byte_stores_without_shared_memory():
+    """Each consumer stores its 64 x d output tile in 8-byte stores, d / 8 per thread (four-byte stores straight from
+    the MMA layout would be twice as many), plus one four-byte lse store for each of its two rows per thread, and the
+    regrouping before them (``_eight_byte_rows``) goes through warp shuffles: no ``ldmatrix`` (Triton's shared-memory
+    path for a layout conversion), and no shared memory beyond the query tile, the K/V ring and their barriers."""
+    rows = compiled_in_fresh_process(
+        "import json, kernel_resources\n"
+        f"print(json.dumps([kernel_resources.compile_hopper_forward(d, b) for d, b in {BUDGET_SHAPES!r}]))")
+    for (d, _), row in zip(BUDGET_SHAPES, rows):
+        tiles = hopper_fwd.hopper_tiles()
+        assert row["global_stores"] == {"st.global.v2.b32": 2 * d // 8, "st.global.b32": 2 * 2}, row
+        assert row["ldmatrix"] == 0, row
+        buffers = 2 * (tiles.block_m * d + tiles.stages * 2 * tiles.block_n * d)  # the query tile, the K/V ring
+        assert buffers <= row["shared_bytes"] <= buffers + 1024, row
 
 
 _ENV.restore()  # last line: the interpreter only while this module imports and runs
