@@ -204,24 +204,26 @@ def test_loop_local_memory_counts_spills_inside_the_key_tile_loops_only():
     assert compiled_in_fresh_process(code) == [0, 1, 1]
 
 
-def test_compiles_for_sm90_within_its_budget():
-    """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
-    consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, the ring within the 227 KB a CTA
-    may use, and no spills. In a fresh process: the interpreter that these tests run under (TRITON_INTERPRET)
-    replaces the jit helpers the kernel calls."""
-    check_sm90_budget("forward", hopper_fwd.hopper_tiles().maxnreg, 0, 0)
+@pytest.fixture(scope="module")
+def sm90_build():
+    """ptxas for sm_90a (Triton ships it) at each of ``BUDGET_SHAPES`` (head dim 128 / block 64, 64 / 64, 128 / 128),
+    within the budget every Hopper kernel keeps to (``check_sm90_budget``: 12 warps, the 168-register launch limit,
+    the ring within the 227 KB a CTA may use), here with no spills. In a fresh process: the interpreter that these
+    tests run under (TRITON_INTERPRET) replaces the jit helpers the kernel calls. Compiled once for the tests below."""
+    return check_sm90_budget("forward", hopper_fwd.hopper_tiles().maxnreg, 0, 0)
 
 
-def test_output_rows_go_out_in_eight_byte_stores_without_shared_memory():
+def test_compiles_for_sm90_within_its_budget(sm90_build):
+    assert len(sm90_build) == len(BUDGET_SHAPES)
+
+
+def test_output_rows_go_out_in_eight_byte_stores_without_shared_memory(sm90_build):
     """Each consumer stores its 64 x d output tile in 8-byte stores, d / 8 per thread (four-byte stores straight from
     the MMA layout would be twice as many), plus one four-byte lse store for each of its two rows per thread, and the
     regrouping before them (``_eight_byte_rows``) goes through warp shuffles: no ``ldmatrix`` (Triton's shared-memory
     path for a layout conversion), and no shared memory beyond the query tile, the K/V ring and their barriers."""
-    rows = compiled_in_fresh_process(
-        "import json, kernel_resources\n"
-        f"print(json.dumps([kernel_resources.compile_hopper_forward(d, b) for d, b in {BUDGET_SHAPES!r}]))")
-    for (d, _), row in zip(BUDGET_SHAPES, rows):
-        tiles = hopper_fwd.hopper_tiles()
+    tiles = hopper_fwd.hopper_tiles()
+    for (d, _), row in zip(BUDGET_SHAPES, sm90_build):
         assert row["global_stores"] == {"st.global.v2.b32": 2 * d // 8, "st.global.b32": 2 * 2}, row
         assert row["ldmatrix"] == 0, row
         buffers = 2 * (tiles.block_m * d + tiles.stages * 2 * tiles.block_n * d)  # the query tile, the K/V ring
