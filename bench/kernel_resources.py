@@ -167,13 +167,18 @@ def _compile_gluon_sm90(fn, constexprs: dict, desc_rows, head_dim: int, maxnreg:
     # the global stores by width, and the shared-memory round trips of layout conversions (ldmatrix)
     out["global_stores"] = dict(sorted(Counter(re.findall(r"\bst\.global[\w.]*", ptx)).items()))
     out["ldmatrix"] = len(re.findall(r"\bldmatrix\b", ptx))
+    # integer divisions and remainders by values known only at run time (a constant divisor compiles to a product)
+    out["int_divisions"] = len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)\b", ptx))
     return out
 
 
-def compile_hopper_forward(head_dim: int, block: int, tiles=None) -> dict:
-    """The warp-specialised Hopper forward (``hopper_fwd``), compiled for sm_90a as launched (bf16, 12 warps)."""
+def compile_hopper_forward(head_dim: int, block: int, tiles=None, layout=(16, 16), heads=(32, 1)) -> dict:
+    """The warp-specialised Hopper forward (``hopper_fwd``), compiled for sm_90a as launched (bf16, 12 warps) for
+    ``layout`` (local blocks, vertical stride) and ``heads`` (query heads, query heads per kv head), which it takes
+    as compile-time constants."""
     tiles = tiles or hopper_fwd.hopper_tiles()
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
+    constexprs = dict(num_heads=heads[0], group=heads[1], local_blocks=layout[0], vert_stride=layout[1],
+                      HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
                       VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
     return _compile_gluon_sm90(hopper_fwd.s2_fwd_hopper_kernel, constexprs,
                                lambda name: 64 if name == "Q_DESC" else min(block, tiles.block_n),

@@ -230,4 +230,16 @@ def test_output_rows_go_out_in_eight_byte_stores_without_shared_memory(sm90_buil
         assert buffers <= row["shared_bytes"] <= buffers + 1024, row
 
 
+
+def test_layout_and_head_counts_are_compile_time_constants(sm90_build):
+    """The layout's local blocks and vertical stride, the head count and the GQA group are compile-time constants of
+    the forward, so the walks, masks and work-item numbers divide by them in products and shifts; the one division
+    left at run time is of the work item by the number of query tiles, once per partition (two consumers, the
+    producer). With all of them as run-time values the PTX held 25 divisions and remainders."""
+    kernel = hopper_fwd.s2_fwd_hopper_kernel
+    constants = {kernel.arg_names[i] for i in kernel.constexprs}
+    assert {"num_heads", "group", "local_blocks", "vert_stride"} <= constants, constants
+    for row in sm90_build:  # compiled with these four as the launcher passes them (kernel_resources)
+        assert row["int_divisions"] == 3, row
+
 _ENV.restore()  # last line: the interpreter only while this module imports and runs

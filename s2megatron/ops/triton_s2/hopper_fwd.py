@@ -50,6 +50,13 @@ faster, and slower at most shapes (bench/results/attention_NOTES.md). Against wh
 5 / 4 / 2 % faster at 16k / 32k / 128k (block 128 at 32k 3 %, dense 0-2 %); at 8k 8 % slower in that timer, which
 was host bound there in part, and 12-13 % faster under ncu (0.39 against 0.445 ms; 32k 2.17 against 2.35).
 
+The layout's local blocks and vertical stride, the head count and the GQA group are compile-time constants of the
+kernel (one build per layout and head shape, as Triton caches them): the walks, the masks and the work-item numbers
+divide by them in products and shifts. As run-time values they cost 25 integer divisions and remainders in the PTX,
+about 100 instructions per work item and 40 per masked key tile in each consumer; now the one left divides the work
+item by the number of query tiles (about 1 % less forward time at 16k-128k on an H200,
+bench/results/attention_NOTES.md).
+
 Scope (:func:`hopper_forward_tiles`): an S2Layout of block 64 or 128, head dim 64 or 128, bf16/fp16, an sm_90 GPU,
 tensors a TMA descriptor can read, and rows of at least ``MIN_ROW_KEYS`` kept keys (with whole masked tiles the
 Triton forward measured faster on shorter rows; with the halves, rows under 1400 keys were not measured). Everything
@@ -278,7 +285,7 @@ def _work_item(w, RESIDUES, HEAD_TO_PAT, CU_SEQLENS, q_len, kv_len, num_tiles, n
     interior / all key-tile counts, the walk state, and the tensors' first rows."""
     tile = num_tiles - 1 - w % num_tiles
     h = (w // num_tiles) % num_heads
-    b = w // (num_tiles * num_heads)
+    b = (w // num_tiles) // num_heads
     seq_start, kv_end, past = _seq_bounds(CU_SEQLENS, b, q_len, kv_len, VARLEN)
     tile_pos0 = (first_block + tile * ROWS) * BS
     n_ent, w0, w1, w2, w3, width = _row_walk(RESIDUES, RESIDUES, gl.load(HEAD_TO_PAT + h), tile, num_tiles,
@@ -490,8 +497,8 @@ def _invalidate_barriers(ready, empty, q_bar, q_free, STAGES: gl.constexpr):
 def s2_fwd_hopper_kernel(
     Q_DESC, K_DESC, V_DESC, O, LSE, CU_SEQLENS, HEAD_TO_PAT, RESIDUES,
     stride_qh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-    qk_scale, q_len, kv_len, num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride, q_rows_b,
-    kv_rows_b,
+    qk_scale, q_len, kv_len, num_items, num_tiles, num_heads: gl.constexpr, first_block, group: gl.constexpr,
+    local_blocks: gl.constexpr, vert_stride: gl.constexpr, q_rows_b, kv_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
     STAGES: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
