@@ -7,6 +7,12 @@ Profile one launch with the source counters, export them per instruction, and su
     ncu --import fwd.ncu-rep --page source --csv --print-source sass > fwd_sass.csv
     python bench/ncu_stalls.py fwd_sass.csv [--levels N] [--top N]
 
+With ``--lines LISTING`` (``nvdisasm -c -g`` of the same cubin, which Triton keeps in its cache as ``<kernel>.cubin``)
+it also sums the samples per source line of the kernel (the innermost line the listing names for each instruction):
+
+    nvdisasm -c -g ~/.triton/cache/<hash>/s2_fwd_hopper_kernel.cubin > fwd.sass
+    python bench/ncu_stalls.py fwd_sass.csv --lines fwd.sass
+
 Prints the share of the warp samples per stall reason, per *level* (the instructions that ran equally often: one
 basic block, or blocks of the same loop level, such as once per CTA, per work item, per key tile) and the
 instructions with the most samples. A warp is sampled at a fixed interval whether or not it issues, so a level's
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import re
 from collections import defaultdict
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
@@ -102,15 +110,62 @@ def format_summary(name: str, s: dict) -> list:
     return out
 
 
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(\S+)")
+
+
+def source_lines(listing: str) -> list:
+    """``file:line`` of each instruction of an ``nvdisasm -c -g`` listing, in order (the last line comment above
+    it; ``?`` before the first)."""
+    where, out = "?", []
+    for text in listing.splitlines():
+        m = _LINE.search(text)
+        if m:
+            where = f"{os.path.basename(m.group(1))}:{m.group(2)}"
+            continue
+        if _INSTRUCTION.match(text):
+            out.append((where, _INSTRUCTION.match(text).group(1).rstrip(";")))
+    return out
+
+
+def by_line(rows, listing: str, top: int = 40) -> list:
+    """(source line, instructions, share of the samples, executions) for the ``top`` lines with the most samples.
+    The listing must be of the profiled binary: the same number of instructions, and the same first token (opcode
+    or predicate) at every position, else ValueError."""
+    lines = source_lines(listing)
+    if len(lines) != len(rows):
+        raise ValueError(f"the listing has {len(lines)} instructions, the export {len(rows)}: not the same binary")
+    total = sum(r["samples"] for r in rows) or 1
+    acc = defaultdict(lambda: [0, 0, 0])
+    for i, ((where, first), r) in enumerate(zip(lines, rows)):
+        if r["source"].split()[:1] != [first]:
+            raise ValueError(f"instruction {i}: {first!r} in the listing, {r['source']!r} in the export")
+        acc[where][0] += 1
+        acc[where][1] += r["samples"]
+        acc[where][2] += r["executed"]
+    ranked = sorted(acc.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(where, n, samples / total, executed) for where, (n, samples, executed) in ranked]
+
+
+def format_lines(table) -> list:
+    out = ["| source line | instructions | share of samples | executed |", "|---|---|---|---|"]
+    return out + [f"| {where} | {n} | {100 * share:.2f} % | {executed} |" for where, n, share, executed in table]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv", nargs="+", help="ncu --page source --csv --print-source sass exports")
     ap.add_argument("--levels", type=int, default=12, help="levels to list (largest share first)")
     ap.add_argument("--top", type=int, default=12, help="instructions to list (most samples first)")
+    ap.add_argument("--lines", help="nvdisasm -c -g listing of the profiled cubin: samples per source line too")
+    ap.add_argument("--top-lines", type=int, default=40, help="source lines to list (most samples first)")
     args = ap.parse_args()
+    listing = open(args.lines).read() if args.lines else None
     for path in args.csv:
         name, rows = read(path)
         print("\n".join(format_summary(f"{name} ({path})", summary(rows, args.levels, args.top))) + "\n")
+        if listing is not None:
+            print("\n".join(format_lines(by_line(rows, listing, args.top_lines))) + "\n")
 
 
 if __name__ == "__main__":

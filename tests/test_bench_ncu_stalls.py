@@ -59,3 +59,36 @@ def test_an_export_without_source_counters_is_refused(ncu_stalls, tmp_path):
     path.write_text('"ID","Kernel Name","Metric Name","Metric Value"\n"0","k","Duration","1"\n')
     with pytest.raises(ValueError, match="--page source --csv --print-source sass"):
         ncu_stalls.read(str(path))
+
+
+def _listing(opcodes_and_lines):
+    """An ``nvdisasm -c -g`` listing: a line comment before each change of source line, one instruction per row."""
+    out, last = ["\t.text.s2_fwd_hopper_kernel:"], None
+    for i, (text, line) in enumerate(opcodes_and_lines):
+        if line != last:
+            out.append(f'\t//## File "/src/s2megatron/ops/triton_s2/hopper_fwd.py", line {line}')
+            last = line
+        out.append(f"        /*{16 * (i + 1):04x}*/                   {text} ;")
+    return "\n".join(out) + "\n"
+
+
+def test_samples_per_source_line_from_the_cubin_listing(ncu_stalls, export):
+    _, rows = ncu_stalls.read(export)
+    listing = _listing([("LDG.E R12, desc[UR58][R12.64]", 280), ("LEA R14, P1, R12, UR6, 0x2", 280),
+                        ("HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR12].tnspB, R88", 216),
+                        ("WARPGROUP.DEPBAR.LE gsb0, 0x0", 219), ("MUFU.EX2 R72, R27", 216), ("NOP", 490)])
+    assert ncu_stalls.by_line(rows, listing, top=3) == [("hopper_fwd.py:219", 1, 0.4, 5600),
+                                                        ("hopper_fwd.py:280", 2, 0.32, 1600),
+                                                        ("hopper_fwd.py:490", 1, 0.2, 132)]
+    first = ncu_stalls.format_lines(ncu_stalls.by_line(rows, listing, top=1))[2]
+    assert first == "| hopper_fwd.py:219 | 1 | 40.00 % | 5600 |"
+
+
+def test_a_listing_of_another_binary_is_refused(ncu_stalls, export):
+    _, rows = ncu_stalls.read(export)
+    five = [("LDG.E R12, desc[UR58][R12.64]", 1)] * 5
+    with pytest.raises(ValueError, match="5 instructions, the export 6"):
+        ncu_stalls.by_line(rows, _listing(five))
+    swapped = five[:1] + [("IMAD R14, R12, 0x4, RZ", 2)] + five[:4]
+    with pytest.raises(ValueError, match="instruction 1: 'IMAD'"):
+        ncu_stalls.by_line(rows, _listing(swapped))
