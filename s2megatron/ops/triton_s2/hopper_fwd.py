@@ -53,7 +53,7 @@ was host bound there in part, and 12-13 % faster under ncu (0.39 against 0.445 m
 The layout's local blocks and vertical stride, the head count and the GQA group are compile-time constants of the
 kernel (one build per layout and head shape, as Triton caches them): the walks, the masks and the work-item numbers
 divide by them in products and shifts. As run-time values they cost 25 integer divisions and remainders in the PTX,
-about 100 instructions per work item and 40 per masked key tile in each consumer; now the one left divides the work
+about 85 instructions per work item and 40 per masked key tile in each consumer; now the one left divides the work
 item by the number of query tiles (about 1 % less forward time at 16k-128k on an H200,
 bench/results/attention_NOTES.md).
 
