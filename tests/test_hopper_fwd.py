@@ -230,7 +230,6 @@ def test_output_rows_go_out_in_eight_byte_stores_without_shared_memory(sm90_buil
         assert buffers <= row["shared_bytes"] <= buffers + 1024, row
 
 
-
 def test_layout_and_head_counts_are_compile_time_constants(sm90_build):
     """The layout's local blocks and vertical stride, the head count and the GQA group are compile-time constants of
     the forward, so the walks, masks and work-item numbers divide by them in products and shifts; the one division
