@@ -8,13 +8,13 @@ so that the host is left out. Each shape also checks that the two outputs are bi
 
     python bench/forward_ab.py --base 6fa2075 [--base-file FILE] [--rounds 4] [--out DIR]
 
-Prints one line per shape (median ms of each kernel, new / base per round) and writes ``forward_ab_<card>.json``.
+Prints one line per shape (median ms of each kernel, new / base per round) and writes ``forward_ab_<card>.json``
+(the run's environment with the base revision, and the shapes' results).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from report import card_tag  # noqa: E402
+from report import run_env, write_rows  # noqa: E402
 from s2megatron.ops.triton_s2 import hopper_fwd  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
 
@@ -118,17 +118,12 @@ def main():
         sys.exit("forward_ab needs a CUDA GPU (sm_90)")
     base = load_base(args.base, source=open(args.base_file).read() if args.base_file else None)
     new = hopper_fwd.s2_fwd_hopper_kernel
-    card = torch.cuda.get_device_name()
-    print(card, "torch", torch.__version__, flush=True)
+    env = run_env()
     try:
         results = compare({"base": base.s2_fwd_hopper_kernel, "new": new}, args.rounds)
     finally:
         hopper_fwd.s2_fwd_hopper_kernel = new
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"forward_ab_{card_tag(card)}.json")
-    with open(path, "w") as f:
-        json.dump({"card": card, "base": args.base, "shapes": results}, f, indent=1)
-    print("wrote", path)
+    print("wrote", write_rows(args.out, "forward_ab", dict(env, base=args.base), results) + ".json")
 
 
 if __name__ == "__main__":

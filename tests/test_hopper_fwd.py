@@ -241,4 +241,5 @@ def test_layout_and_head_counts_are_compile_time_constants(sm90_build):
     for row in sm90_build:  # compiled with these four as the launcher passes them (kernel_resources)
         assert row["int_divisions"] == 3, row
 
+
 _ENV.restore()  # last line: the interpreter only while this module imports and runs
