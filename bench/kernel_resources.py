@@ -198,11 +198,15 @@ def compile_hopper_dkdv(head_dim: int, block: int, tiles=None) -> dict:
                                head_dim, tiles.maxnreg)
 
 
-def compile_hopper_dq(head_dim: int, block: int, tiles=None, ordered: bool = True) -> dict:
+def compile_hopper_dq(head_dim: int, block: int, tiles=None, ordered: bool = True, layout=(16, 16),
+                      heads=(32, 1)) -> dict:
     """The warp-specialised Hopper dQ (``hopper_dq``), compiled for sm_90a as launched (bf16, 12 warps; ``ordered``:
-    the persistent grid's turn order, ``hopper_fwd.balanced_order``)."""
+    the persistent grid's turn order, ``hopper_fwd.balanced_order``) for ``layout`` (local blocks, vertical stride)
+    and ``heads`` (query heads, query heads per kv head), which it takes as compile-time constants, as the forward
+    does."""
     tiles = tiles or hopper_dq.HopperDqTiles()
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
+    constexprs = dict(num_heads=heads[0], group=heads[1], local_blocks=layout[0], vert_stride=layout[1],
+                      HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
                       VARLEN=False, HAS_DLSE=False, ORDERED=ordered, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
     return _compile_gluon_sm90(hopper_dq.s2_dq_hopper_kernel, constexprs,
                                lambda name: 64 if name in ("Q_DESC", "DO_DESC", "DQ_DESC")

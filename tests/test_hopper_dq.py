@@ -96,14 +96,31 @@ def test_op_takes_the_triton_dq_where_the_hopper_dq_declines(monkeypatch):
         assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
-def test_compiles_for_sm90_within_its_budget():
+@pytest.fixture(scope="module")
+def sm90_build():
     """ptxas for sm_90a (Triton ships it), at head dim 128 / block 64, 64 / 64 and 128 / 128: 12 warps (4 + 4
     consumers, 1 producer rounded up to a warpgroup), the 168-register launch limit, shared memory within the 227 KB
-    a CTA may use, and at most a few scalars spilled, none inside the key-tile loops (ptxas spills 40-44 bytes of the
-    walk's state at head dim 128 since the epilogue has two ways out: a TMA copy of whole tiles, 16-byte stores of
-    the rows of a tile at the sequence's end). In a fresh process: the interpreter that these tests run under
-    (TRITON_INTERPRET) replaces the jit helpers the kernel calls."""
-    check_sm90_budget("dq", hopper_dq.HopperDqTiles().maxnreg, 128, 128)
+    a CTA may use, and at most a few scalars spilled, none inside the key-tile loops (ptxas spills up to 36 bytes of
+    the walk's state at head dim 128 since the epilogue has two ways out: a TMA copy of whole tiles, 16-byte stores
+    of the rows of a tile at the sequence's end). In a fresh process: the interpreter that these tests run under
+    (TRITON_INTERPRET) replaces the jit helpers the kernel calls. Compiled once for the tests below."""
+    return check_sm90_budget("dq", hopper_dq.HopperDqTiles().maxnreg, 128, 128)
+
+
+def test_compiles_for_sm90_within_its_budget(sm90_build):
+    assert len(sm90_build) == 3
+
+
+def test_layout_and_head_counts_are_compile_time_constants(sm90_build):
+    """As in the forward, whose work items, walks and masks the dQ shares: the layout's local blocks and vertical
+    stride, the head count and the GQA group are compile-time constants, and the one division left at run time is of
+    the work item by the number of query tiles, once per partition (12 divisions and remainders as run-time
+    values)."""
+    kernel = hopper_dq.s2_dq_hopper_kernel
+    constants = {kernel.arg_names[i] for i in kernel.constexprs}
+    assert {"num_heads", "group", "local_blocks", "vert_stride"} <= constants, constants
+    for row in sm90_build:
+        assert row["int_divisions"] == 3, row
 
 
 _ENV.restore()  # last line: the interpreter only while this module imports and runs

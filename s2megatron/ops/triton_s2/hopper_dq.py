@@ -25,10 +25,16 @@ other. Query rows outside the sequence are neither given Delta nor stored.
 
 Key tiles are 64 keys: dQ's three products hold S, dP and the dQ accumulator in registers (64 x 128 fp32 each at
 128-key tiles: 192 of the 240 registers before the addresses), and the pipelined step keeps the next tile's S and dP
-in flight with the current dS. It compiles to 168 registers per thread at the launch limit; ptxas spills 40-44 bytes
-of the walk's state at head dim 128 (28 at 64) outside the key-tile loops, since the epilogue has two ways out (the
-TMA copy of a whole tile, 16-byte stores of the rows of a tile at the sequence's end; either alone spilled 4 bytes)
-and the next work item is loaded a turn ahead.
+in flight with the current dS. It compiles to 168 registers per thread at the launch limit; ptxas spills up to 36
+bytes of the walk's state at head dim 128 outside the key-tile loops (none at 64; at block 64 with Triton 3.6 none
+either), since the epilogue has two ways out (the TMA copy of a whole tile, 16-byte stores of the rows of a tile at
+the sequence's end; either alone spilled 4 bytes) and the next work item is loaded a turn ahead.
+
+As in the forward, the layout's local blocks and vertical stride, the head count and the GQA group are compile-time
+constants of the kernel (one build per layout and head shape): the work items' numbers, their walks and the masks
+divide by them in products and shifts, and the one run-time division left is of the work item by the number of
+query tiles (12 divisions and remainders in the PTX as run-time values; ptxas then spilled 28-44 bytes at every
+budget shape).
 
 The epilogue stored dQ from the MMA registers before, four bytes per instruction: under ncu's source counters the
 consumers then spent 3.4 % of all warp samples at 8k and 2.3 % at 32k stalled on a full store queue
@@ -217,8 +223,8 @@ def s2_dq_hopper_kernel(
     Q_DESC, DO_DESC, K_DESC, V_DESC, O, DQ, DQ_DESC, LSE, DLSE, DELTA, CU_SEQLENS, HEAD_TO_PAT, RESIDUES, ORDER,
     stride_qh, stride_doh, stride_kh, stride_vh, stride_ob, stride_os, stride_oh, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
-    sm_scale, qk_scale, q_len, kv_len, num_items, num_tiles, num_heads, first_block, group, local_blocks, vert_stride,
-    q_rows_b, kv_rows_b, dq_rows_b,
+    sm_scale, qk_scale, q_len, kv_len, num_items, num_tiles, num_heads: gl.constexpr, first_block, group: gl.constexpr,
+    local_blocks: gl.constexpr, vert_stride: gl.constexpr, q_rows_b, kv_rows_b, dq_rows_b,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BS: gl.constexpr,
     STAGES: gl.constexpr, VARLEN: gl.constexpr, HAS_DLSE: gl.constexpr, ORDERED: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
