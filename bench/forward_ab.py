@@ -1,15 +1,18 @@
-"""A/B of the Hopper forward kernel: this tree's ``s2_fwd_hopper_kernel`` against the one of a git revision, in one
+"""A/B of a Hopper kernel, the forward or the dQ: this tree's kernel against the one of a git revision, in one
 process on one card.
 
 The card's clock moves between calls and machines by more than the changes worth measuring (a few per cent), so the
-two kernels run alternately, round by round, each through the same launcher (this tree's ``hopper_fwd.hopper_forward``:
-the base revision's kernel must take the same arguments), timed as CUDA-graph replays of 20 forward calls (2 at 128k)
-so that the host is left out. Each shape also checks that the two outputs are bitwise equal.
+two kernels run alternately, round by round, each through the same launcher (this tree's ``hopper_fwd.hopper_forward``
+or ``hopper_dq.hopper_dq``: the base revision's kernel must take the same arguments), timed as CUDA-graph replays so
+that the host is left out: 20 forward calls (2 at 128k), or 10 backward calls of one forward's output (1 at 128k),
+whose time is the dQ's and the unchanged dK/dV kernel's. Each shape also checks that the two outputs (O, or dQ) are
+bitwise equal.
 
-    python bench/forward_ab.py --base 6fa2075 [--base-file FILE] [--rounds 4] [--out DIR]
+    python bench/forward_ab.py --base 6fa2075 [--kernel dq] [--base-file FILE] [--rounds 4] [--shapes 8k,32k]
+        [--out DIR]
 
 Prints one line per shape (median ms of each kernel, new / base per round) and writes ``forward_ab_<card>.json``
-(the run's environment with the base revision, and the shapes' results).
+(``dq_ab_<card>.json`` for the dQ: the run's environment with the base revision, and the shapes' results).
 """
 from __future__ import annotations
 
@@ -27,26 +30,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from report import run_env, write_rows  # noqa: E402
-from s2megatron.ops.triton_s2 import hopper_fwd  # noqa: E402
+from s2megatron.ops.triton_s2 import hopper_dq, hopper_fwd  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PATH = "s2megatron/ops/triton_s2/hopper_fwd.py"
-# name, tokens, query heads, kv heads, head dim, block size, batch
-SHAPES = [("8k", 8192, 32, 32, 128, 64, 1), ("16k", 16384, 32, 32, 128, 64, 1), ("32k", 32768, 32, 32, 128, 64, 1),
-          ("128k", 131072, 32, 32, 128, 64, 1), ("gqa8k", 8192, 32, 8, 128, 64, 1), ("d64_8k", 8192, 32, 32, 64, 64, 1),
-          ("b128_16k", 16384, 32, 32, 128, 128, 1), ("b2_gqa_6000", 6000, 32, 8, 128, 64, 2)]
+# kernel: (this tree's module, its path, the kernel's name in it, the variable that makes the op take it)
+KERNELS = {"forward": (hopper_fwd, "s2megatron/ops/triton_s2/hopper_fwd.py", "s2_fwd_hopper_kernel",
+                       "S2MEGATRON_HOPPER_FWD"),
+           "dq": (hopper_dq, "s2megatron/ops/triton_s2/hopper_dq.py", "s2_dq_hopper_kernel", "S2MEGATRON_HOPPER_DQ")}
+# name, tokens, query heads, kv heads, head dim, block size, batch, vertical stride in blocks (None: 1024 tokens)
+SHAPES = [("8k", 8192, 32, 32, 128, 64, 1, None), ("16k", 16384, 32, 32, 128, 64, 1, None),
+          ("32k", 32768, 32, 32, 128, 64, 1, None), ("128k", 131072, 32, 32, 128, 64, 1, None),
+          ("gqa8k", 8192, 32, 8, 128, 64, 1, None), ("d64_8k", 8192, 32, 32, 64, 64, 1, None),
+          ("b128_16k", 16384, 32, 32, 128, 128, 1, None), ("b2_gqa_6000", 6000, 32, 8, 128, 64, 2, None),
+          ("dense8k", 8192, 32, 32, 128, 64, 1, 1)]
 
 
-def load_base(rev: str, root: str = _ROOT, source: str = None):
-    """The module ``hopper_fwd`` of git revision ``rev`` (of the repository at ``root``; or its ``source`` text, on a
-    machine without the repository's history), imported beside this tree's (its relative imports made absolute);
-    ValueError where its kernel takes other arguments than this tree's."""
+def load_base(rev: str, root: str = _ROOT, source: str = None, kernel: str = "forward"):
+    """The module of ``kernel`` (``hopper_fwd`` or ``hopper_dq``) at git revision ``rev`` (of the repository at
+    ``root``; or its ``source`` text, on a machine without the repository's history), imported beside this tree's
+    (its relative imports made absolute); ValueError where its kernel takes other arguments than this tree's."""
+    this, path, attr, _ = KERNELS[kernel]
     if source is None:
-        source = subprocess.run(["git", "-C", root, "show", f"{rev}:{_PATH}"], capture_output=True, text=True,
+        source = subprocess.run(["git", "-C", root, "show", f"{rev}:{path}"], capture_output=True, text=True,
                                 check=True).stdout
-    source = source.replace("\nfrom .", "\nfrom s2megatron.ops.triton_s2.")
-    name = "hopper_fwd_" + "".join(c if c.isalnum() else "_" for c in rev)
+    source = (source.replace("\nfrom . import", "\nfrom s2megatron.ops.triton_s2 import")
+              .replace("\nfrom .", "\nfrom s2megatron.ops.triton_s2."))
+    name = this.__name__.rsplit(".", 1)[1] + "_" + "".join(c if c.isalnum() else "_" for c in rev)
     path = os.path.join(tempfile.mkdtemp(prefix="forward_ab_"), name + ".py")
     with open(path, "w") as f:
         f.write(source)
@@ -54,7 +64,7 @@ def load_base(rev: str, root: str = _ROOT, source: str = None):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    base, new = module.s2_fwd_hopper_kernel, hopper_fwd.s2_fwd_hopper_kernel
+    base, new = getattr(module, attr), getattr(this, attr)
     if base.arg_names != new.arg_names:
         raise ValueError(f"the kernel at {rev} takes {base.arg_names}, this tree's launcher passes {new.arg_names}")
     return module
@@ -70,25 +80,44 @@ def _graph(call, calls: int):
     return graph
 
 
-def compare(kernels: dict, rounds: int) -> dict:
-    """Per shape: each kernel's median ms per round (graph replay / calls), new / base per round, bitwise equality."""
+def compare(kernels: dict, rounds: int, kernel: str = "forward", shapes=None) -> dict:
+    """Per shape (``shapes``: names of ``SHAPES``, None for all): each kernel's median ms per round (graph replay /
+    calls), new / base per round, and whether the outputs (O, or dQ) are bitwise equal."""
     import triton
     from s2megatron.ops.triton_s2 import triton_s2_attention
-    os.environ["S2MEGATRON_HOPPER_FWD"] = "1"
+    this, _, attr, env = KERNELS[kernel]
+    os.environ[env] = "1"
     names = list(kernels)
     results = {}
-    for shape, n, hq, hkv, d, bs, batch in SHAPES:
-        layout = S2Layout(bs, 1024 // bs, 1024 // bs)
+    for shape, n, hq, hkv, d, bs, batch, stride in SHAPES:
+        if shapes is not None and shape not in shapes:
+            continue
+        layout = S2Layout(bs, 1024 // bs, stride or 1024 // bs)
         gen = torch.Generator(device="cuda").manual_seed(n)
         q = torch.randn(batch, n, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         k, v = (torch.randn(batch, n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
-        calls = 2 if n >= 131072 else 20
+        if kernel == "forward":
+            calls = 2 if n >= 131072 else 20
+            grad = torch.no_grad()
+
+            def call():
+                return triton_s2_attention(q, k, v, layout, sm_scale=d ** -0.5)
+        else:  # the backward of one forward's output; its dQ
+            calls = 1 if n >= 131072 else 10
+            grad = torch.enable_grad()
+            for x in (q, k, v):
+                x.requires_grad_(True)
+            out = triton_s2_attention(q, k, v, layout, sm_scale=d ** -0.5)
+            do = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=gen)
+
+            def call():
+                return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)[0]
         outs, graphs = {}, {}
-        with torch.no_grad():
+        with grad:
             for name in names:
-                hopper_fwd.s2_fwd_hopper_kernel = kernels[name]
-                outs[name] = triton_s2_attention(q, k, v, layout, sm_scale=d ** -0.5).clone()
-                graphs[name] = _graph(lambda: triton_s2_attention(q, k, v, layout, sm_scale=d ** -0.5), calls)
+                setattr(this, attr, kernels[name])
+                outs[name] = call().clone()
+                graphs[name] = _graph(call, calls)
         times = {name: [] for name in names}
         for r in range(3 if n >= 131072 else rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
@@ -109,22 +138,30 @@ def compare(kernels: dict, rounds: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="git revision of the base kernel")
-    ap.add_argument("--base-file", help="that revision's hopper_fwd.py (git show REV:PATH > FILE), where the machine "
-                    "has no git history")
+    ap.add_argument("--kernel", choices=sorted(KERNELS), default="forward")
+    ap.add_argument("--base-file", help="that revision's module of the kernel (git show REV:PATH > FILE), where the "
+                    "machine has no git history")
     ap.add_argument("--rounds", type=int, default=4, help="rounds per shape (3 at 128k)")
+    ap.add_argument("--shapes", help="comma-separated names of the shapes to run (default: all): "
+                    + ",".join(s[0] for s in SHAPES))
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(_ROOT, "bench", "results")))
     args = ap.parse_args()
+    shapes = None if args.shapes is None else args.shapes.split(",")
+    unknown = sorted(set(shapes or ()) - {s[0] for s in SHAPES})
+    if unknown:
+        ap.error(f"unknown shapes {unknown}; valid: {[s[0] for s in SHAPES]}")
     if not torch.cuda.is_available():
         sys.exit("forward_ab needs a CUDA GPU (sm_90)")
-    base = load_base(args.base, source=open(args.base_file).read() if args.base_file else None)
-    new = hopper_fwd.s2_fwd_hopper_kernel
+    this, _, attr, _ = KERNELS[args.kernel]
+    base = load_base(args.base, source=open(args.base_file).read() if args.base_file else None, kernel=args.kernel)
+    new = getattr(this, attr)
     env = run_env()
     try:
-        results = compare({"base": base.s2_fwd_hopper_kernel, "new": new}, args.rounds)
+        results = compare({"base": getattr(base, attr), "new": new}, args.rounds, args.kernel, shapes)
     finally:
-        hopper_fwd.s2_fwd_hopper_kernel = new
-    print("wrote", write_rows(args.out, "forward_ab", dict(env, base=args.base), results) + ".json")
-
+        setattr(this, attr, new)
+    stem = "forward_ab" if args.kernel == "forward" else f"{args.kernel}_ab"
+    print("wrote", write_rows(args.out, stem, dict(env, base=args.base, kernel=args.kernel), results) + ".json")
 
 if __name__ == "__main__":
     main()
