@@ -3,10 +3,10 @@ process on one card.
 
 The card's clock moves between calls and machines by more than the changes worth measuring (a few per cent), so the
 two kernels run alternately, round by round, each through the same launcher (this tree's ``hopper_fwd.hopper_forward``
-or ``hopper_dq.hopper_dq``: the base revision's kernel must take the same arguments), timed as CUDA-graph replays so
-that the host is left out: 20 forward calls (2 at 128k), or 10 backward calls of one forward's output (1 at 128k),
-whose time is the dQ's and the unchanged dK/dV kernel's. Each shape also checks that the two outputs (O, or dQ) are
-bitwise equal.
+or ``hopper_dq.hopper_dq``: the base revision's kernel must take the same arguments), so that the host is left out:
+the forward as CUDA-graph replays of 20 calls (2 at 128k), the dQ as its own kernel time under the profiler over 10
+forward + backward calls (2 at 128k; a backward does not capture in a graph apart from its forward, and the whole
+step would dilute the dQ's share). Each shape also checks that the two outputs (O, or dQ) are bitwise equal.
 
     python bench/forward_ab.py --base 6fa2075 [--kernel dq] [--base-file FILE] [--rounds 4] [--shapes 8k,32k]
         [--out DIR]
@@ -80,9 +80,21 @@ def _graph(call, calls: int):
     return graph
 
 
+def _kernel_ms(call, calls: int, kernel_name: str) -> float:
+    """Mean CUDA time of the kernel named ``kernel_name`` per call, over ``calls`` calls under the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.key == kernel_name]
+    if not events:
+        raise RuntimeError(f"no {kernel_name} launch among {sorted(e.key for e in prof.key_averages())[:20]}")
+    return sum(getattr(e, "device_time_total", None) or e.cuda_time_total for e in events) / 1000 / calls
+
+
 def compare(kernels: dict, rounds: int, kernel: str = "forward", shapes=None) -> dict:
-    """Per shape (``shapes``: names of ``SHAPES``, None for all): each kernel's median ms per round (graph replay /
-    calls), new / base per round, and whether the outputs (O, or dQ) are bitwise equal."""
+    """Per shape (``shapes``: names of ``SHAPES``, None for all): each kernel's median ms per round, new / base per
+    round, and whether the outputs (O, or dQ) are bitwise equal."""
     import triton
     from s2megatron.ops.triton_s2 import triton_s2_attention
     this, _, attr, env = KERNELS[kernel]
@@ -96,34 +108,36 @@ def compare(kernels: dict, rounds: int, kernel: str = "forward", shapes=None) ->
         gen = torch.Generator(device="cuda").manual_seed(n)
         q = torch.randn(batch, n, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         k, v = (torch.randn(batch, n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        outs, timers = {}, {}
         if kernel == "forward":
             calls = 2 if n >= 131072 else 20
-            grad = torch.no_grad()
 
             def call():
                 return triton_s2_attention(q, k, v, layout, sm_scale=d ** -0.5)
-        else:  # the backward of one forward's output; its dQ
-            calls = 1 if n >= 131072 else 10
-            grad = torch.enable_grad()
+            with torch.no_grad():
+                for name in names:
+                    setattr(this, attr, kernels[name])
+                    outs[name] = call().clone()
+                    graph = _graph(call, calls)
+                    timers[name] = lambda g=graph: statistics.median(triton.testing.do_bench(
+                        g.replay, warmup=5, rep=900 if n >= 131072 else 300, return_mode="all")) / calls
+        else:  # a forward + backward; dQ
+            calls = 2 if n >= 131072 else 10
             for x in (q, k, v):
                 x.requires_grad_(True)
-            out = triton_s2_attention(q, k, v, layout, sm_scale=d ** -0.5)
-            do = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=gen)
+            do = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen)
 
             def call():
-                return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)[0]
-        outs, graphs = {}, {}
-        with grad:
+                return torch.autograd.grad(triton_s2_attention(q, k, v, layout, sm_scale=d ** -0.5), (q, k, v), do)[0]
             for name in names:
                 setattr(this, attr, kernels[name])
                 outs[name] = call().clone()
-                graphs[name] = _graph(call, calls)
+                call()
+                timers[name] = lambda name=name: (setattr(this, attr, kernels[name]), _kernel_ms(call, calls, attr))[1]
         times = {name: [] for name in names}
         for r in range(3 if n >= 131072 else rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
-                ms = triton.testing.do_bench(graphs[name].replay, warmup=5, rep=900 if n >= 131072 else 300,
-                                             return_mode="all")
-                times[name].append(statistics.median(ms) / calls)
+                times[name].append(timers[name]())
         results[shape] = {"ms": {name: statistics.median(t) for name, t in times.items()}, "rounds": times,
                           "new_over_base": [b / a for a, b in zip(times[names[0]], times[names[1]])],
                           "bitwise_equal": torch.equal(outs[names[0]], outs[names[1]])}
@@ -131,7 +145,7 @@ def compare(kernels: dict, rounds: int, kernel: str = "forward", shapes=None) ->
         print(f"{shape:12s} " + " ".join(f"{name} {ms:.4f}" for name, ms in res["ms"].items())
               + " new/base per round " + " ".join(f"{x:.3f}" for x in res["new_over_base"])
               + f" bitwise equal {res['bitwise_equal']}", flush=True)
-        del graphs
+        del timers
     return results
 
 
