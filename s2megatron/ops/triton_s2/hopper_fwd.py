@@ -216,7 +216,8 @@ def _consumer_step(t, base, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, q
     """Interior key tile ``t`` of the walk (ring position ``base + t``) for one consumer warpgroup: issue S(t+1) =
     Q K(t+1)^T (the next tile is interior too: no mask) and O += P(t) V(t) (P from registers), wait for both, run the
     softmax of S(t+1), rescale O and release tile t's slot (K(t) was read by S(t), V(t) by P(t) V(t)). Starting the
-    softmax while P(t) V(t) still runs measured no faster at 128-key tiles and spills."""
+    softmax while P(t) V(t) still runs measured no faster at 128-key tiles and spills; tried again with the
+    compile-time layout, 2-5 % slower at 8k, under GQA and at head dim 64 (bench/results/attention_NOTES.md)."""
     cur = base + t
     if HAS_NEXT:
         mbarrier.wait(ready.index((cur + 1) % STAGES), ((cur + 1) // STAGES) & 1)
