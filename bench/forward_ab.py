@@ -133,7 +133,11 @@ def compare(kernels: dict, rounds: int, kernel: str = "forward", shapes=None) ->
                 setattr(this, attr, kernels[name])
                 outs[name] = call().clone()
                 call()
-                timers[name] = lambda name=name: (setattr(this, attr, kernels[name]), _kernel_ms(call, calls, attr))[1]
+
+                def timer(name=name):
+                    setattr(this, attr, kernels[name])
+                    return _kernel_ms(call, calls, attr)
+                timers[name] = timer
         times = {name: [] for name in names}
         for r in range(3 if n >= 131072 else rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
@@ -176,6 +180,7 @@ def main():
         setattr(this, attr, new)
     stem = "forward_ab" if args.kernel == "forward" else f"{args.kernel}_ab"
     print("wrote", write_rows(args.out, stem, dict(env, base=args.base, kernel=args.kernel), results) + ".json")
+
 
 if __name__ == "__main__":
     main()
