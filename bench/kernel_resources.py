@@ -208,6 +208,8 @@ def compile_hopper_dq(head_dim: int, block: int, tiles=None, ordered: bool = Tru
     constexprs = dict(num_heads=heads[0], group=heads[1], local_blocks=layout[0], vert_stride=layout[1],
                       HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
                       VARLEN=False, HAS_DLSE=False, ORDERED=ordered, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
+    if not ordered:
+        constexprs["ORDER"] = None  # round robin: the launcher passes no turn order
     return _compile_gluon_sm90(hopper_dq.s2_dq_hopper_kernel, constexprs,
                                lambda name: 64 if name in ("Q_DESC", "DO_DESC", "DQ_DESC")
                                else min(block, tiles.block_n),

@@ -123,8 +123,9 @@ def source_lines(listing: str) -> list:
         if m:
             where = f"{os.path.basename(m.group(1))}:{m.group(2)}"
             continue
-        if _INSTRUCTION.match(text):
-            out.append((where, _INSTRUCTION.match(text).group(1).rstrip(";")))
+        m = _INSTRUCTION.match(text)
+        if m:
+            out.append((where, m.group(1).rstrip(";")))
     return out
 
 

@@ -311,7 +311,7 @@ def hopper_dq(plan, tiles: HopperDqTiles, q, k, v, out, dout, dq, lse, dlse, del
     return launch_or_fall_back(
         s2_dq_hopper_kernel, (grid, ), _broken, "dQ",
         q_desc, do_desc, k_desc, v_desc, out, dq, dq_desc, lse, dlse if dlse is not None else delta, delta, cu,
-        meta.head_to_pattern, residues, order if order is not None else residues, sqh, sdoh, skh, svh,
+        meta.head_to_pattern, residues, order, sqh, sdoh, skh, svh,
         *qkv_strides(out, plan.varlen), *qkv_strides(dq, plan.varlen)[1:], *lse_strides(lse, plan.varlen), sm_scale,
         qk_scale, plan.q_len, plan.kv_len, items, meta.num_tiles, plan.num_heads, meta.first_block, plan.group,
         plan.local_blocks, plan.vert_stride, q_rows_b, kv_rows_b, dq_rows_b, HEAD_DIM=plan.head_dim,
