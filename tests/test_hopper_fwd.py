@@ -242,4 +242,51 @@ def test_layout_and_head_counts_are_compile_time_constants(sm90_build):
         assert row["int_divisions"] == 3, row
 
 
+def _run_rescale_ptx(asm: str, acc: list, alpha: list):
+    """Execute :func:`hopper_fwd._rescale_asm`'s PTX (its five instruction forms) on one thread's registers: ``acc``
+    in ``$pack + r`` (tied to ``$r``), ``alpha`` in ``$2 pack + r``; returns (the outputs, the products executed)."""
+    pack = len(acc)
+    regs = {f"${r}": float(x) for r, x in enumerate(acc)}
+    regs.update({f"${pack + r}": float(x) for r, x in enumerate(acc)})
+    regs.update({f"${2 * pack + r}": float(x) for r, x in enumerate(alpha)})
+    one = "0f3F800000"
+    lines = [line.strip() for line in asm.splitlines()]
+    keep, products, i = None, 0, 0
+    while i < len(lines):
+        op, *args = lines[i].rstrip(";").replace(",", " ").split()
+        if op == "setp.eq.f32":
+            assert args[0] == "keep" and args[2] == one, lines[i]
+            keep = regs[args[1]] == 1.0
+        elif op == "setp.eq.and.f32":
+            assert args[0] == "keep" and args[2] == one and args[3] == "keep", lines[i]
+            keep = keep and regs[args[1]] == 1.0
+        elif op == "@keep":
+            assert args == ["bra", "DONE"], lines[i]
+            if keep:
+                i = lines.index("DONE:")
+        elif op == "mul.f32":
+            regs[args[0]] = regs[args[1]] * regs[args[2]]
+            products += 1
+        else:
+            assert op in ("{", "}", ".reg", "DONE:"), lines[i]
+        i += 1
+    return [regs[f"${r}"] for r in range(pack)], products
+
+
+def test_rescale_skips_the_products_only_where_every_row_of_the_thread_keeps_its_reference():
+    """O *= alpha in the pipelined loop (``_rescale``): the registers of a thread hold two rows (the MMA
+    accumulator's register bases: column 1, row 8, then columns 8, 16, ...); the PTX tests one alpha per row and
+    skips all the products only when both are 1. Each register is multiplied by its own row's alpha otherwise."""
+    bases = [[0, 1], [8, 0], [0, 8], [0, 16]]
+    asm = hopper_fwd._rescale_asm(bases, 16)
+    assert asm.count("setp.") == 2, asm  # one test per row
+    acc = [float(r + 1) for r in range(16)]
+    row8 = [bool(r & 2) for r in range(16)]  # register bit 1 is the row-8 basis
+    for a0, a8 in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.25), (0.5, 0.25)):
+        out, products = _run_rescale_ptx(asm, acc, [a8 if r else a0 for r in row8])
+        assert out == [x * (a8 if r else a0) for x, r in zip(acc, row8)], (a0, a8, out)
+        assert products == (0 if a0 == a8 == 1.0 else 16), (a0, a8, products)
+    assert hopper_fwd._rescale_constraints(2) == "=r,=r,0,1,r,r"
+
+
 _ENV.restore()  # last line: the interpreter only while this module imports and runs

@@ -140,6 +140,36 @@ def test_hopper_forward_sweep(case, ctas, monkeypatch):
     assert launched and all(launched), launched
 
 
+@pytest.mark.skipif(not _sm90(), reason="the Hopper forward runs on sm_90")
+@pytest.mark.parametrize("d", [64, 128])
+def test_hopper_forward_where_the_running_maximum_moves(d, monkeypatch):
+    """Scores that grow along the keys for some query rows, by about 8.5 (base 2) per 128-key tile, and shrink for the
+    others, in alternate groups of 8 rows (so that the two rows of a thread differ): the running maximum of the
+    first kind moves past ``RESCALE_SLACK`` at every key tile (O rescaled), that of the second never after the first
+    tile (the products skipped). Forward and backward through out and lse against the float64 reference, with the
+    Hopper forward launched. The ramp's magnitude is on q (q = +-8 sqrt(d) u); the keys' component along u is the
+    ramp and the rest of each key is orthogonal to u: keys with a large common component would make dQ = dS K
+    cancel it, and the bf16 rounding of dS would then swamp dQ (about 5 % in a float64 model of the rounding)."""
+    from s2megatron.ops.triton_s2 import hopper_fwd
+    from s2megatron.ops.triton_s2 import op as _op
+    launched = []
+    real = _op._hopper.hopper_forward
+    monkeypatch.setattr(_op._hopper, "hopper_forward", lambda *a: launched.append(real(*a)) or launched[-1])
+    monkeypatch.setenv("S2MEGATRON_HOPPER_FWD", "1")
+    monkeypatch.setattr(hopper_fwd, "PERSISTENT_ROW_SHARE", 2.0)
+    gen = torch.Generator(device=DEV).manual_seed(d)
+    s, h = 3000, 4
+    u = torch.nn.functional.normalize(torch.randn(d, generator=gen, device=DEV), dim=0)
+    sign = 1.0 - 2.0 * ((torch.arange(s, device=DEV) // 8) % 2)  # +1 / -1 in alternate groups of 8 rows
+    q = sign[:, None, None] * 8 * math.sqrt(d) * u + 0.3 * torch.randn(1, s, h, d, generator=gen, device=DEV)
+    ramp = 8.5 / 128 / math.log2(math.e) * torch.arange(s, device=DEV)  # scores, natural-log units, +8.5 per tile
+    noise = torch.randn(1, s, h, d, generator=gen, device=DEV)
+    k = (ramp / 8)[:, None, None] * u + noise - (noise @ u)[..., None] * u
+    v = torch.randn(1, s, h, d, generator=gen, device=DEV)
+    check_case(S2Layout(64, 16, 16), *(x.to(torch.bfloat16) for x in (q, k, v)), seed=d)
+    assert launched and all(launched), launched
+
+
 @pytest.mark.skipif(not _sm90(), reason="the Hopper dK/dV runs on sm_90")
 @pytest.mark.parametrize("stripes_first_from", [1 << 40, 0], ids=["heads-fastest", "stripes-first"])
 @pytest.mark.parametrize("descending", [True, False], ids=["walk-down", "walk-up"])

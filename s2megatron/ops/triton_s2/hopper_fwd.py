@@ -22,6 +22,14 @@ through named barriers, so the scheduler interleaves them freely; a query-barrie
 consumer may start its next query tile while the other finishes the last, measured no faster either, so the two share
 one pair (measurements: ``bench/results/attention_NOTES.md``).
 
+The online softmax of the interior key tiles at head dim 128 rescales O lazily (FA4's conditional rescale): a row's
+reference point m_i moves only when a tile's maximum exceeds it by more than ``RESCALE_SLACK`` (2^8), so after the
+first tiles alpha is exactly 1 and a branch skips O's rescale, 64 of the about 450 instructions a consumer thread runs
+per key tile (:func:`_rescale`). Under load the card runs this kernel at its power limit (on an H200, 700 W at an SM
+clock of about 1.6 GHz instead of 1.98), where its time follows the energy it spends: the lazy rescale measured 1-2 %
+less forward time at 8k-128k in one process, while a quarter of the exponentials on the FMA pipe instead of the MUFU
+(more instructions, a shorter MUFU queue) measured 5-7 % more (bench/results/attention_NOTES.md).
+
 Grid: for S2 rows (under ``PERSISTENT_ROW_SHARE`` of the keys kept) one CTA per SM, each taking the work items
 ``program_id, program_id + grid, ...``; the ring and its barriers carry over, so the next query tile and its first
 key tile load while the consumers finish the previous one (``q_free``: both consumers' last S product is done), and
@@ -198,16 +206,73 @@ def _eight_byte_rows(head_dim):
                                       warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, head_dim])
 
 
+# a row's reference point m_i moves only when a score tile exceeds it by more than this (base 2), in the interior
+# key tiles at head dims from LAZY_RESCALE_HEAD_DIM on: P stays within 2^RESCALE_SLACK, and O is rescaled only in
+# the steps where m_i moves (:func:`_rescale`). At head dim 64 a thread's rescale is 32 products, and skipping them
+# measured 2 % slower (bench/results/attention_NOTES.md): there m_i is the running maximum, as in the masked halves
+RESCALE_SLACK = gl.constexpr(8.0)
+LAZY_RESCALE_HEAD_DIM = gl.constexpr(128)
+
+
 @gluon.jit
-def _online_softmax(s, m_i, l_i, qk_scale):
-    """(P, alpha, m_i, l_i) of one score tile, base 2, m_i in scaled units. The row maximum as a tree of pairwise
-    maxima instead of ``gl.max``'s chain (31 dependent maxima per row at 128 keys) measured no faster: the chain's
-    latency is hidden (bench/results/attention_NOTES.md)."""
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_safe)
+def _online_softmax(s, m_i, l_i, qk_scale, LAZY: gl.constexpr = False):
+    """(P, alpha, m_i, l_i) of one score tile, base 2, m_i in scaled units. With ``LAZY``, ``m_i`` is the row's
+    reference point, not its maximum: it moves to the new maximum only when that exceeds it by more than
+    ``RESCALE_SLACK`` (or it is still -inf); otherwise alpha is exactly 1 and O needs no rescale. Either way the lse
+    is m_i + log2(l_i). The row maximum as a tree of pairwise maxima instead of ``gl.max``'s chain (31 dependent
+    maxima per row at 128 keys) measured no faster: the chain's latency is hidden (bench/results/attention_NOTES.md)."""
+    m_max = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    if LAZY:
+        m_new = gl.where(m_max > m_i + RESCALE_SLACK, m_max, m_i)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.where(m_new == m_i, 1.0, gl.exp2(m_i - m_safe))
+    else:
+        m_new = m_max
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
     p = gl.exp2(s * qk_scale - m_safe[:, None])
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.constexpr_function
+def _rescale_asm(reg_bases, pack):
+    """PTX for O *= alpha over one thread's ``pack`` accumulator registers (``$pack + r`` tied to ``$r``, alpha of
+    register r's row in ``$2 pack + r``), skipping the products where every row the thread holds has alpha 1.
+    ``reg_bases``: the accumulator layout's register bases (row, column), from which the registers of each distinct
+    row are found: the test of one register per row is enough."""
+    first = {}
+    for r in range(pack):
+        row = 0
+        for i in range(len(reg_bases)):
+            if (r >> i) & 1:
+                row ^= reg_bases[i][0]
+        first.setdefault(row, r)
+    regs = sorted(first.values())
+    lines = ["{", ".reg .pred keep;", f"setp.eq.f32 keep, ${2 * pack + regs[0]}, 0f3F800000;"]
+    lines += [f"setp.eq.and.f32 keep, ${2 * pack + r}, 0f3F800000, keep;" for r in regs[1:]]
+    lines.append("@keep bra DONE;")
+    lines += [f"mul.f32 ${r}, ${r}, ${2 * pack + r};" for r in range(pack)]
+    lines += ["DONE:", "}"]
+    return "\n".join(lines)
+
+
+@gluon.constexpr_function
+def _rescale_constraints(pack):
+    return ",".join(["=r"] * pack + [str(r) for r in range(pack)] + ["r"] * pack)
+
+
+@gluon.jit
+def _rescale(acc, alpha):
+    """O * alpha (alpha per row, in the row layout of ``acc``), where a thread whose rows all have alpha 1 (their
+    reference points did not move, :func:`_online_softmax` with ``LAZY``) skips its HEAD_DIM / 2 products: at head
+    dim 128, 64 of the about 450 instructions a consumer thread runs per key tile. Under load the card runs at its
+    power limit, where the clock follows the energy spent (bench/results/attention_NOTES.md)."""
+    ROWS: gl.constexpr = acc.type.shape[0]
+    COLS: gl.constexpr = acc.type.shape[1]
+    PACK: gl.constexpr = ROWS * COLS // (32 * gl.num_warps())
+    reg_bases: gl.constexpr = gl.to_linear_layout(acc.type.layout, acc.type.shape).reg_bases
+    return gl.inline_asm_elementwise(_rescale_asm(reg_bases, PACK), _rescale_constraints(PACK),
+                                     [acc, alpha[:, None]], dtype=gl.float32, is_pure=True, pack=PACK)
 
 
 @gluon.jit
@@ -227,9 +292,14 @@ def _consumer_step(t, base, p, acc, m_i, l_i, q, k_smem, v_smem, ready, empty, q
                             is_async=True)
     if HAS_NEXT:
         s, acc_tok = warpgroup_mma_wait(0, deps=(s_tok, acc_tok))
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+        LAZY: gl.constexpr = acc.type.shape[1] >= LAZY_RESCALE_HEAD_DIM
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, LAZY)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+        alpha = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))
+        if LAZY:
+            acc = _rescale(acc, alpha)
+        else:
+            acc = acc * alpha[:, None]
     else:
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
     mbarrier.arrive(empty.index(cur % STAGES), count=1)
