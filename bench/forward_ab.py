@@ -6,7 +6,8 @@ two kernels run alternately, round by round, each through the same launcher (thi
 or ``hopper_dq.hopper_dq``: the base revision's kernel must take the same arguments), so that the host is left out:
 the forward as CUDA-graph replays of 20 calls (2 at 128k), the dQ as its own kernel time under the profiler over 10
 forward + backward calls (2 at 128k; a backward does not capture in a graph apart from its forward, and the whole
-step would dilute the dQ's share). Each shape also checks that the two outputs (O, or dQ) are bitwise equal.
+step would dilute the dQ's share). Each shape also checks whether the two outputs (O, or dQ) are bitwise equal, and
+reports their largest difference.
 
     python bench/forward_ab.py --base 6fa2075 [--kernel dq] [--base-file FILE] [--rounds 4] [--shapes 8k,32k]
         [--out DIR]
@@ -94,7 +95,7 @@ def _kernel_ms(call, calls: int, kernel_name: str) -> float:
 
 def compare(kernels: dict, rounds: int, kernel: str = "forward", shapes=None) -> dict:
     """Per shape (``shapes``: names of ``SHAPES``, None for all): each kernel's median ms per round, new / base per
-    round, and whether the outputs (O, or dQ) are bitwise equal."""
+    round, whether the outputs (O, or dQ) are bitwise equal, and their largest difference."""
     import triton
     from s2megatron.ops.triton_s2 import triton_s2_attention
     this, _, attr, env = KERNELS[kernel]
@@ -144,11 +145,12 @@ def compare(kernels: dict, rounds: int, kernel: str = "forward", shapes=None) ->
                 times[name].append(timers[name]())
         results[shape] = {"ms": {name: statistics.median(t) for name, t in times.items()}, "rounds": times,
                           "new_over_base": [b / a for a, b in zip(times[names[0]], times[names[1]])],
-                          "bitwise_equal": torch.equal(outs[names[0]], outs[names[1]])}
+                          "bitwise_equal": torch.equal(outs[names[0]], outs[names[1]]),
+                          "max_abs_diff": (outs[names[0]].float() - outs[names[1]].float()).abs().max().item()}
         res = results[shape]
         print(f"{shape:12s} " + " ".join(f"{name} {ms:.4f}" for name, ms in res["ms"].items())
               + " new/base per round " + " ".join(f"{x:.3f}" for x in res["new_over_base"])
-              + f" bitwise equal {res['bitwise_equal']}", flush=True)
+              + f" bitwise equal {res['bitwise_equal']} max abs diff {res['max_abs_diff']:.3g}", flush=True)
         del timers
     return results
 

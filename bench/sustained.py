@@ -1,15 +1,18 @@
 """Attention under sustained load: step times of back-to-back forward + backward steps, with the GPU's SM clock and
 power draw sampled alongside (``nvidia-smi``), for our S2 kernels and SDPA-cuDNN's dense causal kernel.
 
+With ``--forward`` the steps are forward calls alone (no autograd).
+
 ``bench/attention.py`` reports medians of ``triton.testing.do_bench`` (about 100 ms of repeats per number); a card
 near its power limit lowers its clocks within such a window. This script shows how far: the first steps after a rest
 against the steady state of several seconds of steps, and the clocks and power the card ran at. Shapes as in
 ``bench/attention.py`` (B=1, H=32, D=128, bf16, L16V16 at block 64). Each step is timed with CUDA events, without the
 L2 flush do_bench puts between repeats.
 
-    python bench/sustained.py [--seqs 32768 ...] [--seconds 8] [--out DIR]
+    python bench/sustained.py [--seqs 32768 ...] [--seconds 8] [--forward] [--cudnn-seq N] [--out DIR]
 
-Writes ``sustained_<card>.md`` and ``.json`` under ``--out`` (default ``$OUT`` or ``bench/results``).
+Writes ``sustained_<card>.md`` and ``.json`` (``sustained_forward_<card>.*`` with ``--forward``) under ``--out``
+(default ``$OUT`` or ``bench/results``).
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from attention import B, D, H, fwd_bwd_step  # noqa: E402
+from attention import B, D, H, fwd_bwd_step, rand  # noqa: E402
 from report import card_tag, write_markdown  # noqa: E402
+from s2megatron.ops.triton_s2 import triton_s2_attention  # noqa: E402
 from s2megatron.sparsity import S2Layout  # noqa: E402
 
 LAYOUT = S2Layout(64, 16, 16)
@@ -113,16 +117,26 @@ def summary(ms: list, samples: list) -> dict:
     return out
 
 
-def cudnn_step(n: int):
+def forward_step(n: int):
+    """One forward of our kernels at ``n`` tokens, without autograd, as a function to call again."""
+    q, k, v = (rand(B, n, H, D, requires_grad=False) for _ in range(3))
+
+    def step():
+        with torch.no_grad():
+            return triton_s2_attention(q, k, v, LAYOUT, sm_scale=D ** -0.5)
+    return step
+
+
+def cudnn_step(n: int, backward: bool = True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     q, k, v, do = (torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for x in (q, k, v):
-        x.requires_grad_()
+        x.requires_grad_(backward)
 
     def step():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.set_grad_enabled(backward):
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return torch.autograd.grad(out, (q, k, v), do)
+        return torch.autograd.grad(out, (q, k, v), do) if backward else out
     return step
 
 
@@ -131,14 +145,16 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--seconds", type=float, default=8.0, help="of back-to-back steps per row")
     ap.add_argument("--cudnn-seq", type=int, default=8192, help="length of the cuDNN dense rows (0: none)")
+    ap.add_argument("--forward", action="store_true", help="forward calls alone instead of forward + backward steps")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")))
     args = ap.parse_args()
     card = torch.cuda.get_device_name()
     sampler = Sampler(torch.cuda.current_device())
     rows = []
-    cases = [("ours S2 L16V16", n, lambda n: fwd_bwd_step(LAYOUT, n)) for n in args.seqs]
+    ours = forward_step if args.forward else (lambda n: fwd_bwd_step(LAYOUT, n))
+    cases = [("ours S2 L16V16", n, ours) for n in args.seqs]
     if args.cudnn_seq:
-        cases.append(("cuDNN dense causal", args.cudnn_seq, cudnn_step))
+        cases.append(("cuDNN dense causal", args.cudnn_seq, lambda n: cudnn_step(n, backward=not args.forward)))
     try:
         for name, n, make in cases:
             step = make(n)
@@ -153,10 +169,12 @@ def main():
     finally:
         sampler.close()
     os.makedirs(args.out, exist_ok=True)
-    tag = card_tag(card)
-    with open(os.path.join(args.out, f"sustained_{tag}.json"), "w") as f:
-        json.dump(dict(card=card, torch=torch.__version__, seconds=args.seconds, rows=rows), f, indent=1)
-    lines = [f"# Forward + backward under sustained load on {card}", "",
+    stem = f"sustained_forward_{card_tag(card)}" if args.forward else f"sustained_{card_tag(card)}"
+    what = "Forward" if args.forward else "Forward + backward"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+        json.dump(dict(card=card, torch=torch.__version__, seconds=args.seconds, forward_only=args.forward, rows=rows),
+                  f, indent=1)
+    lines = [f"# {what} under sustained load on {card}", "",
              f"torch {torch.__version__}; B=1, H=32, D=128, bf16; about {args.seconds:g} s of back-to-back steps per "
              f"row after {COOL_S:g} s idle, each step timed with CUDA events (no L2 flush); first = median of the "
              f"first {FIRST} steps, steady = median of the second half. SM clock and power: nvidia-smi every 50 ms "
@@ -168,7 +186,7 @@ def main():
         lines.append(f"| {r['kernel']} | {r['seq']} | {r['steps']} | {r['first_ms']} | {r['steady_ms']} "
                      f"| {r['steady_over_first']} "
                      f"| {clock} | {r.get('power_median_w', 'n/a')} | {', '.join(r.get('clock_reasons', ['n/a']))} |")
-    write_markdown(os.path.join(args.out, f"sustained_{tag}.md"), lines)
+    write_markdown(os.path.join(args.out, f"{stem}.md"), lines)
 
 
 if __name__ == "__main__":
