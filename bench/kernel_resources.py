@@ -172,14 +172,20 @@ def _compile_gluon_sm90(fn, constexprs: dict, desc_rows, head_dim: int, maxnreg:
     return out
 
 
+def _layout_constants(layout, heads) -> dict:
+    """The compile-time constants the forward and the dQ take from the call: ``layout`` (local blocks, vertical stride)
+    and ``heads`` (query heads, query heads per kv head), as their launchers pass them."""
+    return dict(num_heads=heads[0], group=heads[1], local_blocks=layout[0], vert_stride=layout[1])
+
+
 def compile_hopper_forward(head_dim: int, block: int, tiles=None, layout=(16, 16), heads=(32, 1)) -> dict:
     """The warp-specialised Hopper forward (``hopper_fwd``), compiled for sm_90a as launched (bf16, 12 warps) for
     ``layout`` (local blocks, vertical stride) and ``heads`` (query heads, query heads per kv head), which it takes
     as compile-time constants."""
     tiles = tiles or hopper_fwd.hopper_tiles()
-    constexprs = dict(num_heads=heads[0], group=heads[1], local_blocks=layout[0], vert_stride=layout[1],
-                      HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
-                      VARLEN=False, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
+    constexprs = dict(_layout_constants(layout, heads), HEAD_DIM=head_dim, BLOCK_M=tiles.block_m,
+                      BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages, VARLEN=False,
+                      CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
     return _compile_gluon_sm90(hopper_fwd.s2_fwd_hopper_kernel, constexprs,
                                lambda name: 64 if name == "Q_DESC" else min(block, tiles.block_n),
                                head_dim, tiles.maxnreg)
@@ -205,9 +211,9 @@ def compile_hopper_dq(head_dim: int, block: int, tiles=None, ordered: bool = Tru
     and ``heads`` (query heads, query heads per kv head), which it takes as compile-time constants, as the forward
     does."""
     tiles = tiles or hopper_dq.HopperDqTiles()
-    constexprs = dict(num_heads=heads[0], group=heads[1], local_blocks=layout[0], vert_stride=layout[1],
-                      HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages,
-                      VARLEN=False, HAS_DLSE=False, ORDERED=ordered, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
+    constexprs = dict(_layout_constants(layout, heads), HEAD_DIM=head_dim, BLOCK_M=tiles.block_m,
+                      BLOCK_N=tiles.block_n, BS=block, STAGES=tiles.stages, VARLEN=False, HAS_DLSE=False,
+                      ORDERED=ordered, CONSUMER_REGS=tiles.consumer_regs, num_warps=4)
     if not ordered:
         constexprs["ORDER"] = None  # round robin: the launcher passes no turn order
     return _compile_gluon_sm90(hopper_dq.s2_dq_hopper_kernel, constexprs,

@@ -1,6 +1,7 @@
 """A stand-in for the op's call plan with only the fields the Hopper kernels' policies and launchers read, the
-scope checks the policies share and the compile budget the kernels share, for their tests without a GPU
-(tests/test_hopper_fwd.py, test_hopper_dq.py, test_hopper_bwd.py)."""
+scope checks the policies share, the compile budget the kernels share and the compile-time layout constants of the
+two that walk query tiles, for their tests without a GPU (tests/test_hopper_fwd.py, test_hopper_dq.py,
+test_hopper_bwd.py)."""
 import types
 
 import torch
@@ -65,3 +66,14 @@ def check_sm90_budget(kernel: str, maxnreg: int, max_spill_store: int, max_spill
         assert row["loop_local_memory"] == 0, row
         assert row["shared_bytes"] <= 227 * 1024, row
     return rows
+
+
+def check_layout_constants(kernel, rows: list):
+    """The layout's local blocks and vertical stride, the head count and the GQA group are compile-time constants of
+    ``kernel`` (a Hopper kernel that walks query tiles: the forward, the dQ), and each of its builds ``rows``
+    (``check_sm90_budget``, compiled with these four as the launcher passes them) keeps one run-time division in its
+    PTX per partition (two consumers, the producer): the work item by the number of query tiles."""
+    constants = {kernel.arg_names[i] for i in kernel.constexprs}
+    assert {"num_heads", "group", "local_blocks", "vert_stride"} <= constants, constants
+    for row in rows:
+        assert row["int_divisions"] == 3, row

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import BUDGET_SHAPES, check_policy_scope, check_sm90_budget, l16v16_plan  # noqa: E402
+from hopper_plans import (BUDGET_SHAPES, check_layout_constants, check_policy_scope, check_sm90_budget,  # noqa: E402
+                          l16v16_plan)
 from triton_interpret import InterpreterEnv, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -116,11 +117,7 @@ def test_layout_and_head_counts_are_compile_time_constants(sm90_build):
     stride, the head count and the GQA group are compile-time constants, and the one division left at run time is of
     the work item by the number of query tiles, once per partition (12 divisions and remainders as run-time
     values)."""
-    kernel = hopper_dq.s2_dq_hopper_kernel
-    constants = {kernel.arg_names[i] for i in kernel.constexprs}
-    assert {"num_heads", "group", "local_blocks", "vert_stride"} <= constants, constants
-    for row in sm90_build:
-        assert row["int_divisions"] == 3, row
+    check_layout_constants(hopper_dq.s2_dq_hopper_kernel, sm90_build)
 
 
 _ENV.restore()  # last line: the interpreter only while this module imports and runs

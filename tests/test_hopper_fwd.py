@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from hopper_plans import BUDGET_SHAPES, check_policy_scope, check_sm90_budget, l16v16_plan  # noqa: E402
+from hopper_plans import (BUDGET_SHAPES, check_layout_constants, check_policy_scope, check_sm90_budget,  # noqa: E402
+                          l16v16_plan)
 from triton_interpret import InterpreterEnv, compiled_in_fresh_process, interpreted  # noqa: E402
 
 _ENV = InterpreterEnv()  # before triton and the kernels are imported
@@ -235,11 +236,7 @@ def test_layout_and_head_counts_are_compile_time_constants(sm90_build):
     the forward, so the walks, masks and work-item numbers divide by them in products and shifts; the one division
     left at run time is of the work item by the number of query tiles, once per partition (two consumers, the
     producer). With all of them as run-time values the PTX held 25 divisions and remainders."""
-    kernel = hopper_fwd.s2_fwd_hopper_kernel
-    constants = {kernel.arg_names[i] for i in kernel.constexprs}
-    assert {"num_heads", "group", "local_blocks", "vert_stride"} <= constants, constants
-    for row in sm90_build:  # compiled with these four as the launcher passes them (kernel_resources)
-        assert row["int_divisions"] == 3, row
+    check_layout_constants(hopper_fwd.s2_fwd_hopper_kernel, sm90_build)
 
 
 def _run_rescale_ptx(asm: str, acc: list, alpha: list):
